@@ -1,0 +1,1 @@
+"""Checkpoint -> GGUF: the streaming writer, the verifier and their commands."""

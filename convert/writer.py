@@ -1,0 +1,277 @@
+"""Checkpoint -> GGUF in one streaming pass.
+
+f32, f16, bf16 and q8_0 are written directly, tensor by tensor (bf16 from a bf16 source is a
+byte copy). Every other llama.cpp file type goes through a lossless temporary GGUF beside the
+target that llama.cpp's own quantizer (in a child process) turns into the requested type; the
+temporary file is removed whatever happens. The target appears only by a rename at the end:
+on any failure, Ctrl-C included, no partial file is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType as FT
+
+from plm_gguf.checkpoint import Checkpoint, check_finite, resolve_model
+from plm_gguf.errors import CheckpointError, OutputError, UsageError
+from plm_gguf.schema import TensorSpec, parameter_count, size_label
+from plm_gguf.vocab import Vocab, load_vocab
+
+# Types written directly by this module: file type -> tensor type of the weight matrices.
+DIRECT_TYPES = {"f32": (FT.ALL_F32, QT.F32), "f16": (FT.MOSTLY_F16, QT.F16),
+                "bf16": (FT.MOSTLY_BF16, QT.BF16), "q8_0": (FT.MOSTLY_Q8_0, QT.Q8_0)}
+# Types that llama.cpp refuses to make without an importance matrix.
+NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "q2_k_s"}
+_NOT_FILE_TYPES = {"guessed", "mxfp4_moe", "tq1_0", "tq2_0", "nvfp4", "q1_0"}
+
+
+def llama_file_types() -> dict[str, FT]:
+    """Every llama.cpp file type a user can ask for, by its lower-case name (q4_k_m, iq4_nl, ...)."""
+    names = {ft.name.lower().removeprefix("mostly_").removeprefix("all_"): ft for ft in FT}
+    return {n: ft for n, ft in names.items() if n not in _NOT_FILE_TYPES}
+
+
+def parse_outtype(outtype: str, source_dtype: str | None = None) -> str:
+    """Normalise a user's --outtype; `auto` keeps 16-bit sources as they are (f32 -> f16, as llama.cpp)."""
+    name = outtype.lower().replace("-", "_")
+    if name == "auto":
+        if source_dtype is None:
+            return "auto"
+        return "bf16" if source_dtype == "BF16" else "f16"
+    if name not in llama_file_types():
+        raise UsageError(f"unknown output type {outtype!r}",
+                         f"choose auto or one of {', '.join(sorted(llama_file_types()))}")
+    return name
+
+
+@dataclass
+class TensorPlan:
+    spec: TensorSpec
+    qtype: QT
+    fallback_from: QT | None = None  # set when the wanted type's block does not fit the row
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.spec.shape, self.qtype)))
+
+
+def plan_tensor(spec: TensorSpec, wanted: QT) -> TensorPlan:
+    """Norms stay f32; a matrix whose row length is not a multiple of the block falls back to f16."""
+    if spec.is_norm:
+        return TensorPlan(spec, QT.F32)
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    if spec.shape[-1] % block:
+        return TensorPlan(spec, QT.F16, fallback_from=wanted)
+    return TensorPlan(spec, wanted)
+
+
+@dataclass
+class ConvertResult:
+    outfile: Path
+    outtype: str
+    nbytes: int
+    seconds: float
+    source_bytes: int
+    tensor_types: dict[str, int]  # tensor type name -> count, as written
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)  # name, wanted, written
+    notes: list[str] = field(default_factory=list)
+
+
+def default_outfile(folder: Path, model: str, outtype: str) -> Path:
+    stem = folder.name if Path(model).expanduser().exists() else str(model).split("/")[-1]
+    return Path.cwd() / f"{stem}-{outtype.upper()}.gguf"
+
+
+def convert(
+    model: str | os.PathLike[str],
+    outfile: str | os.PathLike[str] | None = None,
+    outtype: str = "auto",
+    *,
+    force: bool = False,
+    pre_tokenizer: str | None = None,
+    progress: bool = False,
+    threads: int | None = None,
+) -> ConvertResult:
+    """Convert a PLM checkpoint (folder or Hugging Face repo id) to GGUF. Everything is checked
+    (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written."""
+    outtype = parse_outtype(outtype)  # fail fast on a typo, before any download
+    if outtype in NEEDS_IMATRIX:
+        raise UsageError(f"{outtype} needs an importance matrix, which convert does not compute",
+                         "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")
+    folder = resolve_model(model)
+    ckpt = Checkpoint(folder)
+    vocab = load_vocab(folder, ckpt.config.vocab_size, pre_tokenizer)
+    outtype = parse_outtype(outtype, ckpt.source_dtype)
+    target = Path(outfile) if outfile else default_outfile(folder, str(model), outtype)
+    _check_target(target, force)
+
+    start = time.perf_counter()
+    with _partial(target, ".partial") as tmp:
+        if outtype in DIRECT_TYPES:
+            plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model))
+        else:
+            from plm_gguf.convert.quantize import quantize_file
+
+            lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
+            with _partial(target, ".src.partial") as src:
+                write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model))
+                quantize_file(src, tmp, outtype, threads=threads, progress=progress)
+            plans = None
+        os.replace(tmp, target)
+    seconds = time.perf_counter() - start
+    return summarize(target, outtype, seconds, ckpt.nbytes, plans, vocab)
+
+
+def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
+              plans: list[TensorPlan] | None, vocab: Vocab | None = None) -> ConvertResult:
+    """What was written, read back from the file itself."""
+    reader = gguf.GGUFReader(target)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    result = ConvertResult(target, outtype, target.stat().st_size, seconds, source_bytes, counts)
+    if plans is not None:
+        result.fallbacks = [(p.spec.gguf_name, p.fallback_from.name, p.qtype.name) for p in plans if p.fallback_from]
+    else:  # llama.cpp chose per-tensor types; report matrices whose rows its block size did not fit
+        main = _main_tensor_type(outtype)
+        if main is not None:
+            block = gguf.GGML_QUANT_SIZES[main][0]
+            result.fallbacks = [(t.name, main.name, t.tensor_type.name) for t in reader.tensors
+                                if len(t.shape) > 1 and int(t.shape[0]) % block]
+    if vocab is not None and vocab.nfc:
+        result.notes.append("tokenizer.json applies NFC normalisation, llama.cpp does not: "
+                            "decomposed accented input tokenizes differently (plm-gguf verify lists it)")
+    return result
+
+
+def _main_tensor_type(outtype: str) -> QT | None:
+    base = outtype.split("_")[0] + ("_k" if "_k" in outtype else "")
+    name = {"q2_k": "Q2_K", "q3_k": "Q3_K", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}.get(base)
+    if name is None:
+        name = outtype.upper() if outtype.upper() in QT.__members__ else None
+    return QT[name] if name else None
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder", "give --outfile a file name ending in .gguf")
+    if target.exists() and not force:
+        raise OutputError(f"{target} already exists", "pass --force to overwrite it, or choose another --outfile")
+    if not target.parent.is_dir():
+        raise OutputError(f"folder {target.parent} does not exist", "create it first or choose another --outfile")
+    if not os.access(target.parent, os.W_OK):
+        raise OutputError(f"cannot write to {target.parent}", "choose a writable --outfile")
+
+
+@contextlib.contextmanager
+def _partial(target: Path, suffix: str) -> Iterator[Path]:
+    """A temporary path beside `target`, removed unless it was renamed into place."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}{suffix}")
+    try:
+        yield tmp
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"the disk holding {target.parent} is full", "free space or choose another --outfile") from exc
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: str, file_type: FT) -> None:
+    """general.* (through gguf-py's Metadata heuristics) and every plm.* key llama.cpp reads."""
+    c = ckpt.config
+    n_params = parameter_count(c)
+    name = None if Path(model_name).expanduser().exists() else model_name.split("/")[-1]
+    meta = gguf.Metadata.load(None, ckpt.folder, name, n_params)
+    meta.size_label = meta.size_label or size_label(n_params)
+    if name and not meta.source_repo_url:  # a Hugging Face repo id
+        meta.source_repo_url = meta.source_url = f"https://huggingface.co/{model_name}"
+    meta.set_gguf_meta_model(writer)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.num_key_value_heads or c.n_head)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_kv_lora_rank(c.kv_lora_rank)
+    writer.add_key_length(c.qk_head_dim)
+    writer.add_value_length(c.v_head_dim)
+    writer.add_rope_dimension_count(c.qk_rope_head_dim)
+    writer.add_file_type(file_type)
+    if file_type not in (FT.ALL_F32, FT.MOSTLY_F16, FT.MOSTLY_BF16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> np.ndarray:
+    """One tensor's bytes in its planned type. bf16 -> bf16 is a copy of the stored bits."""
+    name = plan.spec.hf_name
+    if plan.qtype == QT.BF16 and dtype == "BF16":
+        if ((raw & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
+            check_finite(name, (raw.astype(np.uint32) << 16).view(np.float32))
+        return raw
+    values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32, copy=False)
+    check_finite(name, values)
+    if plan.qtype == QT.F32:
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if plan.qtype == QT.F16:
+        out = values.astype(np.float16)
+        if not np.isfinite(out).all():
+            raise CheckpointError(f"{name} has values beyond f16's range (max |x| = {np.abs(values).max():.3g})",
+                                  "convert to bf16 or f32 instead")
+        return out
+    return gguf.quants.quantize(values, plan.qtype)
+
+
+def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
+               progress: bool = False, model_name: str = "") -> list[TensorPlan]:
+    """Write one GGUF of a direct type, streaming tensor by tensor."""
+    file_type, wanted = DIRECT_TYPES[outtype]
+    plans = [plan_tensor(spec, wanted) for spec in ckpt.specs]
+    writer = gguf.GGUFWriter(path, "plm")
+    add_model_metadata(writer, ckpt, model_name or ckpt.folder.name, file_type)
+    vocab.add_to_gguf(writer)
+    for p in plans:
+        byte_shape = gguf.quant_shape_to_byte_shape(p.spec.shape, p.qtype)
+        writer.add_tensor_info(p.spec.gguf_name, byte_shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
+            for p in plans:
+                ref = ckpt.tensor(p.spec)
+                data = _encode(p, ref.raw(), ref.dtype)
+                writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+                advance(ref.nbytes)
+    finally:
+        writer.close()
+    return plans
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, label: str):
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

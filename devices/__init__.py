@@ -1,0 +1,1 @@
+"""Device profiles, cross-built llama.cpp, transports and deployment."""

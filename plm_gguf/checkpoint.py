@@ -1,0 +1,276 @@
+"""Lazy access to a PLM checkpoint's tensors: safetensors (single or sharded) and
+pytorch_model.bin (single or sharded), from a local folder or a Hugging Face repo id.
+
+Nothing is loaded until asked for; each tensor is read when it is needed and can be dropped
+right after, so peak memory is about one tensor. Safetensors files are memory-mapped and their
+header is parsed here (the format is a length-prefixed JSON header, then raw little-endian data)
+because the converter needs each tensor's raw byte range to pass bf16 through without a copy,
+which safetensors' own API does not expose. Pickles are opened only with
+`torch.load(weights_only=True, mmap=True)`: no code in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from plm_gguf.errors import CheckpointError
+from plm_gguf.schema import TIED_OUTPUT, PLMConfig, TensorSpec, tensor_table
+
+# Storage dtypes we accept, by their safetensors names.
+SUPPORTED_DTYPES = ("BF16", "F16", "F32")
+_NUMPY_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+_TORCH_TO_ST = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "README.md", "LICENSE*",
+]
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) to float32, exactly."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass
+class TensorRef:
+    """One stored tensor: where it is, what it is, and how to read it."""
+
+    name: str
+    dtype: str  # one of SUPPORTED_DTYPES, or the unsupported name as found
+    shape: tuple[int, ...]
+    file: Path
+    _read: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * {"BF16": 2, "F16": 2, "F32": 4}.get(self.dtype, 0)
+
+    def raw(self) -> np.ndarray:
+        """The tensor in its storage form (bf16 as uint16 bit patterns), shaped."""
+        return self._read()
+
+    def f32(self) -> np.ndarray:
+        raw = self.raw()
+        return bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32, copy=False)
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """A local checkpoint folder, or a Hugging Face repo id fetched into the standard cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file; a checkpoint is a folder",
+                "pass the folder holding config.json and the weights",
+            )
+        return path
+    text = str(model)
+    if not _REPO_ID.match(text):
+        raise CheckpointError(f"{text} is neither a local folder nor a Hugging Face repo id",
+                              "pass a folder path or an id such as PLM-Team/PLM-1.8B-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is not installed", "pip install huggingface_hub") from exc
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"Hugging Face repo {text} was not found (or needs a login)",
+                              "check the id, or run `huggingface-cli login` for gated repos") from exc
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(f"{text} is not in the local Hugging Face cache and the Hub cannot be reached",
+                              "unset HF_HUB_OFFLINE or download it once with network access") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(f"downloading {text} failed: {exc}".splitlines()[0],
+                              "retry, or download the repo and pass its local folder") from exc
+
+
+def _safetensors_refs(file: Path) -> Iterator[TensorRef]:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file.name} is truncated (no header)", "download the file again")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{file.name} is not a safetensors file (bad header length)",
+                                  "download the file again; it may be truncated or an HTML error page")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file.name} has a corrupt safetensors header ({exc})",
+                                  "download the file again") from exc
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{file.name} is truncated: its header needs {data_start + end:,} bytes, the file has {size:,}",
+            "download the file again",
+        )
+    mapped = _Mmap(file)
+    for name, info in header.items():
+        begin, stop = info["data_offsets"]
+        dtype, shape = info["dtype"], tuple(info["shape"])
+
+        def read(begin=begin, stop=stop, dtype=dtype, shape=shape) -> np.ndarray:
+            buf = mapped.view()[data_start + begin : data_start + stop]
+            return np.frombuffer(buf, dtype=_NUMPY_STORAGE[dtype]).reshape(shape)
+
+        yield TensorRef(name, dtype, shape, file, read)
+
+
+class _Mmap:
+    """A read-only map of a file, opened on first use."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._map: mmap.mmap | None = None
+
+    def view(self) -> memoryview:
+        if self._map is None:
+            with open(self.file, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._map)
+
+
+def _torch_refs(file: Path) -> Iterator[TensorRef]:
+    import torch
+
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # UnpicklingError (refused code), zipfile errors, EOFError, ...
+        raise CheckpointError(f"{file.name} cannot be read safely as a PyTorch checkpoint: {exc}".splitlines()[0][:300],
+                              "download the file again; plm-gguf never executes pickled code") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file.name} holds a {type(state).__name__}, not a state dict",
+                              "save the model with model.state_dict()")
+    for name, tensor in state.items():
+        dtype = _TORCH_TO_ST.get(str(tensor.dtype), str(tensor.dtype).removeprefix("torch."))
+
+        def read(t=tensor, dtype=dtype) -> np.ndarray:
+            t = t.contiguous()
+            if dtype == "BF16":
+                return t.view(torch.int16).numpy().view(np.uint16)
+            return t.numpy()
+
+        yield TensorRef(name, dtype, tuple(tensor.shape), file, read)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index_name} is corrupt ({exc})", "restore it from the original checkpoint") from exc
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index_name} names shard(s) that are missing: {', '.join(missing[:3])}",
+                                      "download every shard of the checkpoint")
+            return files
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"no weights in {folder} (no *.safetensors, no pytorch_model*.bin)",
+                          "the folder must hold the model weights next to config.json")
+
+
+class Checkpoint:
+    """A PLM checkpoint folder: its config and a lazy index of its tensors, checked against the
+    config (names, shapes, dtypes, tied output) before anything is read."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.config = PLMConfig.load(self.folder)
+        self.files = _weight_files(self.folder)
+        self.refs: dict[str, TensorRef] = {}
+        for file in self.files:
+            reader = _safetensors_refs if file.suffix == ".safetensors" else _torch_refs
+            for ref in reader(file):
+                self.refs[ref.name] = ref
+        self.specs = tensor_table(self.config)
+        self._check_schema()
+
+    @classmethod
+    def open(cls, model: str | os.PathLike[str]) -> "Checkpoint":
+        return cls(resolve_model(model))
+
+    @property
+    def source_dtype(self) -> str:
+        """The storage dtype of the weight matrices (norms are sometimes kept in f32)."""
+        dtypes = {self.refs[s.hf_name].dtype for s in self.specs if not s.is_norm}
+        return dtypes.pop() if len(dtypes) == 1 else "F32"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.refs[s.hf_name].nbytes for s in self.specs)
+
+    def _check_schema(self) -> None:
+        expected = {s.hf_name for s in self.specs}
+        found = set(self.refs)
+        missing = sorted(expected - found, key=_natural)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}",
+                                  "the weights do not match config.json (wrong num_hidden_layers?) or a shard is missing")
+        extra = sorted(found - expected - {TIED_OUTPUT}, key=_natural)
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            hint = ("PLM's MLP has no gate_proj (squared ReLU, no gate)" if any("gate_proj" in n for n in extra)
+                    else "this is not the PLM tensor layout; remove extra tensors or check the model type")
+            raise CheckpointError(f"checkpoint has unexpected tensor(s) {', '.join(extra[:3])}{more}", hint)
+        for spec in self.specs:
+            ref = self.refs[spec.hf_name]
+            if ref.dtype not in SUPPORTED_DTYPES:
+                raise CheckpointError(f"{spec.hf_name} is stored as {ref.dtype}; supported are bf16, f16 and f32",
+                                      "export the checkpoint in bf16, f16 or f32 (pre-quantized checkpoints are not supported)")
+            if ref.shape != spec.shape:
+                raise CheckpointError(
+                    f"{spec.hf_name} has shape {list(ref.shape)} but config.json implies {list(spec.shape)}",
+                    "config.json does not describe these weights; use the config that came with them",
+                )
+        if TIED_OUTPUT in self.refs:
+            head, embed = self.refs[TIED_OUTPUT], self.refs["model.embed_tokens.weight"]
+            if head.shape != embed.shape or not np.array_equal(head.f32(), embed.f32()):
+                raise CheckpointError(
+                    "lm_head.weight differs from model.embed_tokens.weight, but PLM ties them",
+                    "llama.cpp's plm graph reuses the embeddings as output; untied heads cannot be represented",
+                )
+
+    def tensor(self, spec: TensorSpec) -> TensorRef:
+        return self.refs[spec.hf_name]
+
+
+def check_finite(name: str, values) -> None:
+    """Raise if a numpy array or torch tensor holds NaN or Inf."""
+    finite = values.isfinite() if hasattr(values, "isfinite") else np.isfinite(values)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise CheckpointError(f"{name} holds {bad:,} NaN/Inf value(s)",
+                              "the checkpoint is corrupt or diverged in training; use an earlier save")
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,1 @@
+"""Quantization: single files, recipe sweeps and their reports."""

@@ -83,28 +83,30 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(h * c.v_head_dim, c.hidden_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        c, (T, _) = self.c, x.shape
+        """x: [..., T, d] -> [..., T, d]; any leading batch dims."""
+        c, batch, T = self.c, x.shape[:-2], x.shape[-2]
         h, nope, rope, dv = c.n_head, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
 
-        q = self.q_proj(x).view(T, h, nope + rope).transpose(0, 1)  # [h, T, nope+rope]
+        q = self.q_proj(x).view(*batch, T, h, nope + rope).transpose(-3, -2)  # [..., h, T, nope+rope]
         q_nope, q_pe = q.split([nope, rope], dim=-1)
 
-        kv_a = self.kv_a_proj_with_mqa(x)  # [T, lora + rope]
-        latent, k_pe = kv_a.split([c.kv_lora_rank, rope], dim=-1)  # [T, lora], [T, rope]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [T, h*(nope+dv)]
-        kv = kv.view(T, h, nope + dv).transpose(0, 1)  # [h, T, nope+dv]
-        k_nope, v = kv.split([nope, dv], dim=-1)  # [h, T, nope], [h, T, dv]
+        kv_a = self.kv_a_proj_with_mqa(x)  # [..., T, lora + rope]
+        latent, k_pe = kv_a.split([c.kv_lora_rank, rope], dim=-1)  # [..., T, lora], [..., T, rope]
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [..., T, h*(nope+dv)]
+        kv = kv.view(*batch, T, h, nope + dv).transpose(-3, -2)  # [..., h, T, nope+dv]
+        k_nope, v = kv.split([nope, dv], dim=-1)  # [..., h, T, nope], [..., h, T, dv]
 
         q_pe = rope_interleaved(q_pe, positions, c.rope_theta)
-        k_pe = rope_interleaved(k_pe, positions, c.rope_theta).expand(h, T, rope)  # one head shared by all
+        k_pe = rope_interleaved(k_pe, positions, c.rope_theta).unsqueeze(-3)  # [..., 1, T, rope]: shared
+        k_pe = k_pe.expand(*batch, h, T, rope)
 
-        query = torch.cat([q_nope, q_pe], dim=-1)  # [h, T, nope+rope]
-        key = torch.cat([k_nope, k_pe], dim=-1)  # [h, T, nope+rope]
-        scores = query @ key.transpose(-1, -2) / math.sqrt(nope + rope)  # [h, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        query = torch.cat([q_nope, q_pe], dim=-1)  # [..., h, T, nope+rope]
+        key = torch.cat([k_nope, k_pe], dim=-1)  # [..., h, T, nope+rope]
+        scores = query @ key.transpose(-1, -2) / math.sqrt(nope + rope)  # [..., h, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-        out = scores.softmax(dim=-1) @ v  # [h, T, dv]
-        return self.o_proj(out.transpose(0, 1).reshape(T, h * dv))
+        out = scores.softmax(dim=-1) @ v  # [..., h, T, dv]
+        return self.o_proj(out.transpose(-3, -2).reshape(*batch, T, h * dv))
 
 
 class MLP(nn.Module):
@@ -158,10 +160,14 @@ class PLMForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [T] int64 -> logits [T, vocab] in float32."""
+        """tokens: [..., T] int64 -> logits [..., T, vocab] in float32."""
+        return self.logits(tokens)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The forward pass without inference mode, for training (tokens [..., T])."""
         embed = self.model.embed_tokens.weight
-        x = embed[tokens].to(self.compute_dtype)  # [T, d]
-        positions = torch.arange(tokens.shape[0])
+        x = embed[tokens].to(self.compute_dtype)  # [..., T, d]
+        positions = torch.arange(tokens.shape[-1], device=tokens.device)
         for layer in self.model.layers:
             x = layer(x, positions)
         x = self.model.norm(x)

@@ -113,17 +113,17 @@ def convert(
     vocab = load_vocab(folder, ckpt.config.vocab_size, pre_tokenizer)
     outtype = parse_outtype(outtype, ckpt.source_dtype)
     target = Path(outfile) if outfile else default_outfile(folder, str(model), outtype)
-    _check_target(target, force)
+    check_target(target, force)
 
     start = time.perf_counter()
-    with _partial(target, ".partial") as tmp:
+    with partial_path(target, ".partial") as tmp:
         if outtype in DIRECT_TYPES:
             plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model))
         else:
             from plm_gguf.convert.quantize import quantize_file
 
             lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
-            with _partial(target, ".src.partial") as src:
+            with partial_path(target, ".src.partial") as src:
                 write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model))
                 quantize_file(src, tmp, outtype, threads=threads, progress=progress)
             plans = None
@@ -162,7 +162,7 @@ def _main_tensor_type(outtype: str) -> QT | None:
     return QT[name] if name else None
 
 
-def _check_target(target: Path, force: bool) -> None:
+def check_target(target: Path, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target} is a folder", "give --outfile a file name ending in .gguf")
     if target.exists() and not force:
@@ -174,7 +174,7 @@ def _check_target(target: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _partial(target: Path, suffix: str) -> Iterator[Path]:
+def partial_path(target: Path, suffix: str) -> Iterator[Path]:
     """A temporary path beside `target`, removed unless it was renamed into place."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}{suffix}")
     try:

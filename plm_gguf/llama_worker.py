@@ -75,13 +75,18 @@ def _failure_hint(tail: list[str]) -> str:
 
 # ---------------------------------------------------------------- child side
 
+_LOG: list[str] = []
+
+
 def _quiet_llama(verbose: bool) -> None:
-    """Route llama.cpp's log to stderr only when asked (quantize progress is always kept)."""
+    """Keep llama.cpp's log (parsed for sizes); print it only when asked, but always print
+    errors, warnings and quantize progress."""
     import llama_cpp
 
     @llama_cpp.llama_log_callback
     def log(level, text, user_data):  # noqa: ARG001
         message = text.decode("utf-8", errors="replace")
+        _LOG.append(message)
         if verbose or level <= 2 or re.search(r"\[\s*\d+/\s*\d+\]", message):  # ERROR/WARN, progress
             sys.stderr.write(message)
             sys.stderr.flush()
@@ -108,8 +113,7 @@ def cmd_logits(a: argparse.Namespace) -> None:
     llm = _open(a.model, max(n_ctx, 16), a.threads, a.f32_cache)
     out = Path(a.out)
     for i, tokens in enumerate(sequences):
-        llm.reset()
-        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        llm.reset()  # eval() then drops the cache from position 0 on
         llm.eval(tokens)
         np.save(out / f"logits_{i}.npy", np.array(llm.scores[: len(tokens)], dtype=np.float32))
 
@@ -161,6 +165,12 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_score(a: argparse.Namespace) -> None:
+    from plm_gguf.quant_eval import scoring
+
+    scoring.run(a, _open, lambda: "".join(_LOG))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="plm_gguf.llama_worker")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -177,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--overrides"), p.add_argument("--imatrix")
     p.set_defaults(fn=cmd_quantize)
+    p = sub.add_parser("score")
+    p.add_argument("model"), p.add_argument("--tokens", required=True), p.add_argument("--ctx", type=int, required=True)
+    p.add_argument("--reference", required=True), p.add_argument("--mode", choices=["reference", "compare"], required=True)
+    p.add_argument("--out", required=True), p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(fn=cmd_score)
     a = parser.parse_args(argv)
     _quiet_llama(bool(os.environ.get("PLM_GGUF_DEBUG")))
     a.fn(a)

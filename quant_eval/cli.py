@@ -1,0 +1,118 @@
+"""`plm-gguf quantize`: one file, or a sweep of recipes measured side by side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from plm_gguf.errors import UsageError
+
+console = Console(highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantize)
+
+
+def quantize(
+    source: str = typer.Argument(..., help="A PLM checkpoint (folder or repo id) or an unquantized PLM GGUF."),
+    type_: Optional[str] = typer.Option(None, "--type", help="One llama.cpp type to write (q4_k_m, iq4_nl, ...)."),
+    outfile: Optional[Path] = typer.Option(None, "--outfile", help="Output file for --type."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --outfile."),
+    sweep: bool = typer.Option(False, "--sweep", help="Measure many recipes side by side."),
+    types: Optional[str] = typer.Option(None, "--types", help="Comma-separated stock types to sweep instead of the default recipes."),
+    recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of [[recipe]] tables."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluation (and calibration) text; default: a built-in bilingual corpus."),
+    ctx: int = typer.Option(512, "--ctx", help="Evaluation chunk length, and the context memory is counted at."),
+    budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="Memory budget for the recommendation (MiB)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Take the budget from a device profile: probed MemAvailable minus headroom."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (resumable); default sweep-<model>."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads"),
+) -> None:
+    """Quantize to one type, or sweep recipes: KL, top-1, perplexity, size, memory, speed."""
+    if sweep == bool(type_):
+        raise UsageError("give either --type TYPE or --sweep", "plm-gguf quantize MODEL --sweep, or --type q4_k_m")
+    corpus, corpus_name = _read_text(text)
+    if type_:
+        from plm_gguf.quant_eval.single import quantize_one
+
+        result = quantize_one(source, type_, outfile, force=force, text=corpus, threads=threads)
+        console.print(f"[green]wrote[/] {result['outfile']} ({type_}, {result['file_bytes'] / 2**20:,.1f} MiB, "
+                      f"{result['bpw']:.2f} bits/weight{', with an importance matrix' if result['imatrix'] else ''})")
+        return
+    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads)
+
+
+def _read_text(text: Path | None) -> tuple[str, str]:
+    from plm_gguf.quant_eval.sweep import default_corpus
+
+    if text is None:
+        return default_corpus(), "built-in corpus"
+    try:
+        return text.read_text(encoding="utf-8"), str(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --text {text} ({exc})", "pass a UTF-8 text file") from exc
+
+
+def _device_budget(name: str) -> tuple[float, str]:
+    from plm_gguf.devices.deploy import probe, resolve_profile
+
+    profile = resolve_profile(name)
+    facts = probe(profile)
+    mib = facts.mem_available / 2**20 - profile.headroom_mib
+    return mib, f"{name}: {facts.mem_available / 2**20:,.0f} MiB available - {profile.headroom_mib} MiB headroom"
+
+
+def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads) -> None:
+    from plm_gguf.quant_eval import report as rep
+    from plm_gguf.quant_eval.recipes import load_recipes, stock_recipes
+    from plm_gguf.quant_eval.sweep import SweepOptions, run_sweep
+
+    if types and recipes_file:
+        raise UsageError("give --types or --recipes, not both", "--types makes one stock recipe per type")
+    recipes = stock_recipes(types.split(",")) if types else load_recipes(recipes_file)
+    budget_source = f"--budget-mb {budget_mb:g}" if budget_mb is not None else ""
+    if device:
+        budget_mb, budget_source = _device_budget(device)
+    out = out or Path(f"sweep-{Path(str(source)).stem.split('/')[-1]}")
+    options = SweepOptions(out=out, recipes=recipes, text=corpus, text_source=corpus_name, ctx=ctx, threads=threads,
+                           budget_mib=budget_mb, budget_source=budget_source)
+    done = [0]
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "reference":
+            console.print("measuring the unquantized reference ...")
+        elif kind == "imatrix":
+            console.print("computing the importance matrix from the text ...")
+        elif kind == "skip":
+            done[0] += 1
+            console.print(f"[dim]{data['recipe']}: already measured, kept[/]")
+        elif kind == "start":
+            console.print(f"[{done[0] + 1}/{len(recipes)}] {data['recipe']} ...", end=" ")
+        elif kind == "row":
+            done[0] += 1
+            if data["status"] == "ok":
+                console.print(f"KL {data['kl_mean']:.4f}, top-1 {data['top1']:.1%}, {data['file_bytes'] / 2**20:,.1f} MiB")
+            else:
+                console.print(f"[red]failed[/]: {data['reason']}")
+
+    result = run_sweep(source, options, on_event)
+    report = result.report
+    console.print(rep.table(report))
+    base = report["base_info"]
+    if base.get("verified") is not None:
+        console.print(f"base {Path(base['gguf']).name}: verified against the torch reference "
+                      f"({'pass' if base['verified'] else 'FAIL'}, file KL {base['file_vs_checkpoint_kl']:.2g})")
+    rec = report["recommendation"]
+    if rec:
+        if rec["recipe"]:
+            console.print(f"[bold]recommended[/] for {rec['budget_mib']:,.0f} MiB ({rec['budget_source']}): "
+                          f"[bold green]{rec['recipe']}[/] — {rec['memory_mib']:,.0f} MiB with the KV cache at ctx {ctx}; "
+                          f"{rec['reason']}")
+        else:
+            console.print(f"[bold red]no recipe fits[/] {rec['budget_mib']:,.0f} MiB: {rec['reason']}")
+    console.print(f"★ recommended, ◆ Pareto frontier; report.json, report.csv and pareto.png in {out}/")

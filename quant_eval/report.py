@@ -1,0 +1,72 @@
+"""A sweep's outputs besides report.json: report.csv, the Pareto plot, and the rich table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from rich.table import Table
+
+from plm_gguf.quant_eval.sweep import pareto_front
+
+CSV_COLUMNS = ("recipe", "status", "base", "imatrix", "bpw", "file_bytes", "kl_mean", "kl_median", "kl_p99", "kl_max",
+               "top1", "ppl", "ppl_ratio", "kv_mib", "kv_mib_expected", "compute_mib", "memory_mib", "peak_rss_bytes",
+               "prompt_tps", "gen_tps", "quantize_seconds", "types", "reason")
+
+
+def write_csv(report: dict, path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in report["rows"].values():
+            flat = dict(row)
+            flat["types"] = "; ".join(f"{g}={'/'.join(t)}" for g, t in row.get("types", {}).items())
+            writer.writerow(flat)
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """File size against mean KL (log scale), the Pareto frontier joined and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"].values() if r.get("status") == "ok"]
+    front = set(pareto_front(rows))
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for r in rows:
+        on = r["recipe"] in front
+        marker = "s" if r["overrides"] else "o"
+        ax.scatter(r["file_bytes"] / 2**20, r["kl_mean"], marker=marker, s=40 if on else 24,
+                   color="tab:red" if on else "tab:blue", zorder=3)
+        ax.annotate(r["recipe"], (r["file_bytes"] / 2**20, r["kl_mean"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    frontier = sorted((r for r in rows if r["recipe"] in front), key=lambda r: r["file_bytes"])
+    ax.plot([r["file_bytes"] / 2**20 for r in frontier], [r["kl_mean"] for r in frontier], color="tab:red",
+            lw=1, zorder=2, label="Pareto frontier")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("mean KL divergence from the unquantized model")
+    ax.set_yscale("log")
+    ax.set_title(f"{Path(report['source']).name}: size against accuracy (squares: MLA-aware mixes)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(report: dict) -> Table:
+    t = Table(title=f"quantization sweep of {report['source']} (ctx {report['ctx']}, {report['text']})")
+    for col in ("recipe", "bpw", "MiB", "KL mean", "KL p99", "top-1", "PPL ×", "mem MiB", "pp t/s", "tg t/s", "imat"):
+        t.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
+    front = set(pareto_front(list(report["rows"].values())))
+    best = (report.get("recommendation") or {}).get("recipe")
+    for r in report["rows"].values():
+        name = r["recipe"] + (" ★" if r["recipe"] == best else "") + (" ◆" if r["recipe"] in front else "")
+        if r.get("status") != "ok":
+            t.add_row(name, *["-"] * 9, f"[red]failed[/]: {r.get('reason', '')[:60]}")
+            continue
+        t.add_row(name, f"{r['bpw']:.2f}", f"{r['file_bytes'] / 2**20:,.1f}", f"{r['kl_mean']:.4f}",
+                  f"{r['kl_p99']:.3f}", f"{r['top1']:.1%}", f"{r['ppl_ratio']:.3f}", f"{r['memory_mib']:,.0f}",
+                  f"{r['prompt_tps']:,.0f}", f"{r['gen_tps']:,.1f}", "yes" if r["imatrix"] else "")
+    return t

@@ -1,0 +1,48 @@
+"""`plm-gguf quantize SOURCE --type T`: one quantized file, with an importance matrix where the
+type needs or benefits from one (computed from --text with the torch reference)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from plm_gguf.quant_eval.recipes import stock_recipes
+
+
+def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int) -> dict:
+    from plm_gguf.convert.quantize import quantize_file
+    from plm_gguf.convert.writer import check_target, partial_path, convert
+    from plm_gguf.quant_eval.sweep import file_facts
+
+    recipe = stock_recipes([type_])[0]
+    path = Path(source).expanduser()
+    is_gguf = path.is_file()
+    if not is_gguf and not recipe.uses_imatrix:  # plain llama.cpp type from a checkpoint: convert does it
+        result = convert(source, outfile, recipe.base, force=force, progress=True, threads=threads)
+        return {"outfile": result.outfile, "imatrix": False, **file_facts(result.outfile)}
+
+    target = outfile or Path.cwd() / f"{(path.stem if is_gguf else str(source).split('/')[-1])}-{type_.upper()}.gguf"
+    check_target(target, force)
+    with tempfile.TemporaryDirectory(prefix="plm-gguf-q-", dir=target.parent) as tmp, partial_path(target, ".partial") as out:
+        base = path if is_gguf else convert(source, Path(tmp) / "base.gguf", "auto").outfile
+        imatrix = _imatrix_for(base, text, Path(tmp)) if recipe.uses_imatrix else None
+        quantize_file(base, out, recipe.base, threads=threads, progress=True, imatrix=imatrix)
+        os.replace(out, target)
+    return {"outfile": target, "imatrix": imatrix is not None, **file_facts(target)}
+
+
+def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
+    import json
+
+    from plm_gguf.llama_worker import run_worker
+    from plm_gguf.quant_eval.imatrix import compute_imatrix
+    from plm_gguf.reference import PLMForCausalLM
+    from plm_gguf.schema import config_from_gguf
+
+    (tmp / "text.json").write_text(json.dumps([text]))
+    run_worker(["tokenize", str(base), "--texts", str(tmp / "text.json"), "--out", str(tmp / "ids.json")])
+    tokens = json.loads((tmp / "ids.json").read_text())[0]
+    model = PLMForCausalLM.from_gguf(base, config_from_gguf(base))
+    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz")
+    return tmp / "imatrix.npz"

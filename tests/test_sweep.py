@@ -1,0 +1,142 @@
+"""The quantization sweep on the trained fixture (tests/data/trained-plm): invariants that must
+hold of real measurements, resuming, failures, and the report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from plm_gguf.errors import UsageError
+from plm_gguf.quant_eval.recipes import Recipe, load_recipes, stock_recipes
+from plm_gguf.quant_eval.sweep import SweepOptions, _score, pareto_front, recommend, run_sweep
+
+from .conftest import assert_clean_error, run_cli
+
+TRAINED = Path(__file__).parent / "data" / "trained-plm"
+CTX = 256
+
+
+def _options(out: Path, recipes: list[Recipe], **kw) -> SweepOptions:
+    text = "".join(sorted((Path(__file__).parent.parent / "quant_eval").glob("*.py"))[i].read_text() for i in range(3))
+    return SweepOptions(out=out, recipes=recipes, text=text, text_source="plm-gguf source", ctx=CTX, **kw)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    recipes = stock_recipes(["q8_0", "q4_0", "q2_k"]) + [
+        Recipe("q4_0+mla8", "q4_0", {r"attn_kv_a_mqa\.weight": "q8_0", r"attn_kv_b\.weight": "q8_0"}),
+        Recipe("broken", "q4_0", {r"ffn_up\.weight": "iq2_xxs"}, imatrix=False),  # llama.cpp refuses: no imatrix
+    ]
+    run_sweep(str(TRAINED), _options(out, recipes, budget_mib=64.0, budget_source="test"))
+    return out
+
+
+@pytest.mark.slow
+def test_sweep_invariants_on_the_trained_model(sweep_dir):
+    report = json.loads((sweep_dir / "report.json").read_text())
+    rows = report["rows"]
+    assert report["base_info"]["verified"] is True
+    ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    assert set(ok) == {"q8_0", "q4_0", "q2_k", "q4_0+mla8"}
+    # accuracy falls with bits, size falls with bits
+    assert 0 < ok["q8_0"]["kl_mean"] < ok["q4_0"]["kl_mean"] < ok["q2_k"]["kl_mean"]
+    assert ok["q8_0"]["file_bytes"] > ok["q4_0"]["file_bytes"] > ok["q2_k"]["file_bytes"]
+    assert ok["q8_0"]["bpw"] > ok["q4_0"]["bpw"] > ok["q2_k"]["bpw"]
+    assert ok["q8_0"]["top1"] > ok["q2_k"]["top1"]
+    for r in ok.values():
+        # the KV cache our model of llama.cpp predicts is the one llama.cpp allocates
+        assert r["kv_mib"] == pytest.approx(r["kv_mib_expected"], abs=0.01)
+        assert r["kl_median"] <= r["kl_mean"] * 2 and r["kl_p99"] <= r["kl_max"]
+        assert r["peak_rss_bytes"] > r["file_bytes"] and r["prompt_tps"] > 0 and r["gen_tps"] > 0
+    assert ok["q2_k"]["imatrix"] and not ok["q4_0"]["imatrix"]
+    assert ok["q4_0+mla8"]["types"]["attn_kv_b"] == ["Q8_0"] and ok["q4_0"]["types"]["attn_kv_b"] == ["Q4_0"]
+    assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"]
+    rec = report["recommendation"]
+    assert rec["recipe"] == min((r for r in ok.values() if r["memory_mib"] <= 64), key=lambda r: r["kl_mean"])["recipe"]
+
+
+@pytest.mark.slow
+def test_reference_against_itself_is_exact(sweep_dir):
+    from plm_gguf.quant_eval.sweep import Sweep
+    from plm_gguf.schema import config_from_gguf
+
+    report = json.loads((sweep_dir / "report.json").read_text())
+    base = Path(report["base_info"]["gguf"])
+    sweep = Sweep(_options(sweep_dir, []), base, config_from_gguf(base), report)
+    tokens = json.loads((sweep_dir / "tokens.json").read_text())
+    same = _score(sweep, base, tokens, "compare")
+    assert same["top1"] == 1.0 and same["kl_max"] < 1e-9
+
+
+@pytest.mark.slow
+def test_report_files(sweep_dir):
+    with open(sweep_dir / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["recipe"] for r in rows] == ["q8_0", "q4_0", "q2_k", "q4_0+mla8", "broken"]
+    assert rows[4]["status"] == "failed" and float(rows[0]["kl_mean"]) < float(rows[2]["kl_mean"])
+    assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sweep_resumes_and_measures_only_what_is_new(sweep_dir):
+    events = []
+    recipes = stock_recipes(["q8_0", "q4_0", "q5_0"])
+    before = json.loads((sweep_dir / "report.json").read_text())["rows"]["q8_0"]
+    run_sweep(str(TRAINED), _options(sweep_dir, recipes), on_event=lambda kind, data: events.append((kind, data)))
+    skipped = [d["recipe"] for k, d in events if k == "skip"]
+    measured = [d["recipe"] for k, d in events if k == "start"]
+    assert skipped == ["q8_0", "q4_0"] and measured == ["q5_0"]
+    assert not any(k == "reference" for k, _ in events)
+    after = json.loads((sweep_dir / "report.json").read_text())["rows"]
+    assert after["q8_0"] == before and after["q5_0"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_sweep_command(tmp_path):
+    result = run_cli("quantize", TRAINED, "--sweep", "--types", "q8_0,q4_k_m", "--ctx", str(CTX),
+                     "--out", tmp_path / "s", "--budget-mb", "1", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "q4_k_m" in result.stdout and "no recipe fits" in result.stdout
+    assert {"report.json", "report.csv", "pareto.png"} <= {p.name for p in (tmp_path / "s").iterdir()}
+
+
+def test_quantize_one_file(tmp_path):
+    result = run_cli("quantize", TRAINED, "--type", "q4_k_m", "--outfile", tmp_path / "q.gguf")
+    assert result.code == 0, result.stderr
+    from plm_gguf.quant_eval.sweep import file_facts
+
+    facts = file_facts(tmp_path / "q.gguf")
+    assert 4.5 < facts["bpw"] < 6.5 and facts["types"]["ffn_up"] == ["Q4_K"]
+
+
+def test_default_recipes_and_validation(tmp_path):
+    recipes = load_recipes()
+    names = [r.name for r in recipes]
+    assert len(recipes) >= 14 and {"q8_0", "q4_k_m", "q2_k", "iq4_nl", "q4_k_m+mla8"} <= set(names)
+    assert all(r.uses_imatrix for r in recipes if r.base.startswith(("iq", "q2_k", "q3_k")))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[recipe]]\nname = "x"\nbase = "q4_k_m"\noverrides = { "attn_q" = "q9_z" }\n')
+    with pytest.raises(UsageError, match="unknown tensor type"):
+        load_recipes(bad)
+    bad.write_text('[[recipe]]\nname = "x"\nbase = "f16"\n')
+    with pytest.raises(UsageError, match="not a quantized"):
+        load_recipes(bad)
+    assert_clean_error(run_cli("quantize", TRAINED, "--sweep", "--recipes", bad), "not a quantized")
+    assert_clean_error(run_cli("quantize", TRAINED), "--type TYPE or --sweep")
+
+
+def test_pareto_and_recommendation_logic():
+    rows = [
+        {"recipe": "a", "status": "ok", "file_bytes": 100, "kl_mean": 0.01, "memory_mib": 300},
+        {"recipe": "b", "status": "ok", "file_bytes": 60, "kl_mean": 0.05, "memory_mib": 200},
+        {"recipe": "c", "status": "ok", "file_bytes": 70, "kl_mean": 0.08, "memory_mib": 210},
+        {"recipe": "d", "status": "failed"},
+    ]
+    assert pareto_front(rows) == ["b", "a"]
+    assert recommend(rows, 250, "t")["recipe"] == "b"
+    assert recommend(rows, 1000, "t")["recipe"] == "a"
+    assert recommend(rows, 100, "t")["recipe"] is None

@@ -60,7 +60,7 @@ def rope_interleaved(x: torch.Tensor, positions: torch.Tensor, theta: float) -> 
     """RoPE on interleaved pairs (dims 0,1 / 2,3 / ...): llama.cpp's NORM rope type.
     x: [..., T, d_rope], positions: [T]."""
     d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # [d/2]
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]  # [..., T, d/2] each

@@ -103,6 +103,16 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
     result = run_sweep(source, options, on_event)
     report = result.report
     console.print(rep.table(report))
+    for m in report.get("mixes_vs_stock", []):
+        line = f"{m['recipe']}: {m['file_bytes'] / 2**20:,.1f} MiB, KL {m['kl_mean']:.4f}"
+        if m["stock_base"]:
+            b = m["stock_base"]
+            line += f"; its stock base {b['recipe']}: {b['file_bytes'] / 2**20:,.1f} MiB, KL {b['kl_mean']:.4f}"
+        s = m["same_size_stock"]
+        if s:
+            verdict = "[green]beats[/]" if m["beats_same_size_stock"] else "[yellow]does not beat[/]"
+            line += f"; {verdict} {s['recipe']} ({s['file_bytes'] / 2**20:,.1f} MiB, KL {s['kl_mean']:.4f})"
+        console.print(line)
     base = report["base_info"]
     if base.get("verified") is not None:
         console.print(f"base {Path(base['gguf']).name}: verified against the torch reference "

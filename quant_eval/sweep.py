@@ -131,8 +131,9 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
         on_event("row", row)
     sweep.report["rows"] = {r.name: sweep.report["rows"][r.name] for r in options.recipes} | {
         k: v for k, v in sweep.report["rows"].items() if k not in {r.name for r in options.recipes}}
-    sweep.report["recommendation"] = recommend(list(sweep.report["rows"].values()), options.budget_mib,
-                                               options.budget_source)
+    rows = list(sweep.report["rows"].values())
+    sweep.report["recommendation"] = recommend(rows, options.budget_mib, options.budget_source)
+    sweep.report["mixes_vs_stock"] = mixes_vs_stock(rows)
     sweep.save()
     from plm_gguf.quant_eval import report as rep
 
@@ -251,6 +252,24 @@ def recommend(rows: list[dict], budget_mib: float | None, budget_source: str) ->
     return {"budget_mib": budget_mib, "budget_source": budget_source, "recipe": best["recipe"],
             "memory_mib": best["memory_mib"], "kl_mean": best["kl_mean"],
             "reason": f"lowest mean KL among the {len(fits)} of {len(ok)} recipes that fit"}
+
+
+def mixes_vs_stock(rows: list[dict]) -> list[dict]:
+    """For each recipe with overrides: its own stock base type, and the smallest stock type at
+    least as large; the mix "beats stock" when it is more accurate than that same-size stock type."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    stock = [r for r in ok if not r["overrides"]]
+
+    def brief(r: dict | None) -> dict | None:
+        return r and {"recipe": r["recipe"], "file_bytes": r["file_bytes"], "kl_mean": r["kl_mean"], "top1": r["top1"]}
+
+    out = []
+    for mix in (r for r in ok if r["overrides"]):
+        base = next((s for s in stock if s["base"] == mix["base"]), None)
+        larger = min((s for s in stock if s["file_bytes"] >= mix["file_bytes"]), key=lambda s: s["file_bytes"], default=None)
+        out.append({**brief(mix), "stock_base": brief(base), "same_size_stock": brief(larger),
+                    "beats_same_size_stock": None if larger is None else mix["kl_mean"] < larger["kl_mean"]})
+    return out
 
 
 def pareto_front(rows: list[dict]) -> list[str]:

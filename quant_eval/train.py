@@ -89,6 +89,7 @@ class TrainSettings:
     eval_windows: int = 16  # periodic validation: fixed windows of seq_len tokens
     final_eval_windows: int = 128
     threads: int = 2
+    device: str = "cpu"  # "cuda" trains on a GPU; the saved checkpoint is the same format
 
 
 @dataclass
@@ -220,6 +221,7 @@ def evaluate(model: PLMForCausalLM, windows: torch.Tensor, batch: int = 8) -> tu
     total, correct, count = 0.0, 0, 0
     for i in range(0, windows.shape[0], batch):
         w = windows[i:i + batch]
+        w = w.to(next(model.parameters()).device)
         logits = model.logits(w[:, :-1])
         target = w[:, 1:]
         total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
@@ -231,7 +233,7 @@ def evaluate(model: PLMForCausalLM, windows: torch.Tensor, batch: int = 8) -> tu
 def bf16_state(model: PLMForCausalLM) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors (tensor_table order, no lm_head) rounded to bf16."""
     params = dict(model.named_parameters())
-    return {spec.hf_name: params[spec.hf_name].detach().to(torch.bfloat16).contiguous()
+    return {spec.hf_name: params[spec.hf_name].detach().to("cpu", torch.bfloat16).contiguous()
             for spec in tensor_table(model.config)}
 
 
@@ -257,6 +259,7 @@ def train(out: Path | str, *, config: PLMConfig = TRAINED_CONFIG, settings: Trai
 
     model = PLMForCausalLM(config)
     params = init_weights(model, s.seed)
+    model.to(s.device)  # moves the same Parameter objects
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -292,7 +295,7 @@ def train(out: Path | str, *, config: PLMConfig = TRAINED_CONFIG, settings: Trai
         for group in opt.param_groups:
             group["lr"] = lr
         starts = gen.integers(0, corpus.train_tokens.size - s.seq_len - 1, size=s.batch_size)
-        batch = torch.from_numpy(np.stack([corpus.train_tokens[i:i + s.seq_len + 1] for i in starts]))
+        batch = torch.from_numpy(np.stack([corpus.train_tokens[i:i + s.seq_len + 1] for i in starts])).to(s.device)
         logits = model.logits(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -323,6 +326,7 @@ def train(out: Path | str, *, config: PLMConfig = TRAINED_CONFIG, settings: Trai
         f"on {val_windows.shape[0]} x {s.seq_len} tokens (uniform would be {config.vocab_size})")
 
     write_state_dict(out, state)
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600
     body = config.to_hf_dict() | {"torch_dtype": "bfloat16"}
     (out / "config.json").write_text(json.dumps(body, indent=2) + "\n")
     record_ = {
@@ -357,9 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     parser.add_argument("--minutes", type=float, default=TrainSettings.minutes, help="training wall-clock budget")
     parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--device", default=TrainSettings.device, help="cpu, or cuda to train on a GPU")
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
+    parser.add_argument("--max-train-chars", type=int, default=TrainSettings.max_train_chars)
     args = parser.parse_args(argv)
-    command = f"python -m plm_gguf.quant_eval.train --out {args.out} --minutes {args.minutes:g} --seed {args.seed}"
-    result = train(args.out, settings=TrainSettings(minutes=args.minutes, seed=args.seed), command=command)
+    command = "python -m plm_gguf.quant_eval.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings = TrainSettings(minutes=args.minutes, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                             seq_len=args.seq_len, max_train_chars=args.max_train_chars)
+    result = train(args.out, settings=settings, command=command)
     print(f"wrote {args.out}: {result['steps']} steps in {result['train_seconds']} s, "
           f"val loss {result['val_loss']:.4f}, perplexity {result['val_perplexity']:.2f}")
     return 0

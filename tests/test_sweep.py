@@ -69,7 +69,8 @@ def test_reference_against_itself_is_exact(sweep_dir):
     sweep = Sweep(_options(sweep_dir, []), base, config_from_gguf(base), report)
     tokens = json.loads((sweep_dir / "tokens.json").read_text())
     same = _score(sweep, base, tokens, "compare")
-    assert same["top1"] == 1.0 and same["kl_max"] < 1e-9
+    # the reference log-probs are stored as float32: that rounding is the only difference left
+    assert same["top1"] == 1.0 and same["kl_mean"] < 1e-7 and same["kl_max"] < 1e-6, same
 
 
 @pytest.mark.slow

@@ -191,13 +191,13 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
 
 
 def _read_file_type(path: Path) -> int:
+    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
+
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on foreign files
-        raise UsageError(f"{path} is not a readable GGUF file ({exc})".splitlines()[0], "pass a .gguf written by plm-gguf convert") from exc
-    arch = reader.get_field("general.architecture")
-    if arch is None or arch.contents() != "plm":
-        raise UsageError(f"{path} is not a PLM GGUF (architecture {arch.contents() if arch else 'missing'})",
+        info = read_gguf_info(path)
+    except (GGUFFormatError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf written by plm-gguf convert") from exc
+    if info.arch != "plm":
+        raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch or 'missing'})",
                          "verify compares PLM checkpoints with PLM GGUF files")
-    field_ = reader.get_field("general.file_type")
-    return int(field_.contents()) if field_ is not None else int(gguf.LlamaFileType.GUESSED)
+    return int(info.get("general.file_type", gguf.LlamaFileType.GUESSED))

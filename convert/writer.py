@@ -9,10 +9,12 @@ on any failure, Ctrl-C included, no partial file is left behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +24,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
-from plm_gguf.checkpoint import Checkpoint, check_finite, resolve_model
+from plm_gguf.checkpoint import Checkpoint, resolve_model
 from plm_gguf.errors import CheckpointError, OutputError, UsageError
+from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
 
@@ -135,10 +138,10 @@ def convert(
 def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
               plans: list[TensorPlan] | None, vocab: Vocab | None = None) -> ConvertResult:
     """What was written, read back from the file itself."""
-    reader = gguf.GGUFReader(target)
+    tensors = read_gguf_info(target).tensors.values()
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    for t in tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
     result = ConvertResult(target, outtype, target.stat().st_size, seconds, source_bytes, counts)
     if plans is not None:
         result.fallbacks = [(p.spec.gguf_name, p.fallback_from.name, p.qtype.name) for p in plans if p.fallback_from]
@@ -146,8 +149,8 @@ def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
         main = _main_tensor_type(outtype)
         if main is not None:
             block = gguf.GGML_QUANT_SIZES[main][0]
-            result.fallbacks = [(t.name, main.name, t.tensor_type.name) for t in reader.tensors
-                                if len(t.shape) > 1 and int(t.shape[0]) % block]
+            result.fallbacks = [(t.name, main.name, t.qtype.name) for t in tensors
+                                if len(t.shape) > 1 and t.shape[-1] % block]
     if vocab is not None and vocab.nfc:
         result.notes.append("tokenizer.json applies NFC normalisation, llama.cpp does not: "
                             "decomposed accented input tokenizes differently (plm-gguf verify lists it)")
@@ -216,29 +219,71 @@ def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: st
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> np.ndarray:
-    """One tensor's bytes in its planned type. bf16 -> bf16 is a copy of the stored bits."""
-    name = plan.spec.hf_name
+# Tensors are converted in blocks of rows of about this many source bytes, on CONVERT_THREADS
+# threads (numpy releases the GIL), with at most IN_FLIGHT blocks held at once: peak memory is
+# a few blocks, not one tensor (PLM-1.8B's embedding alone is 622 MB in bf16, 1.2 GB in f32).
+CHUNK_BYTES = 16 * 2**20
+CONVERT_THREADS = min(4, os.cpu_count() or 1)
+IN_FLIGHT = 2 * CONVERT_THREADS
+
+
+def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
+    """One block of rows in the planned type, and how many NaN/Inf values it held.
+    bf16 -> bf16 is the stored bits themselves."""
     if plan.qtype == QT.BF16 and dtype == "BF16":
-        if ((raw & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
-            check_finite(name, (raw.astype(np.uint32) << 16).view(np.float32))
-        return raw
+        bad = int(((raw & 0x7F80) == 0x7F80).sum())  # exponent all ones: Inf or NaN
+        return raw, bad
     values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32, copy=False)
-    check_finite(name, values)
+    bad = int(values.size - np.isfinite(values).sum())
     if plan.qtype == QT.F32:
-        return np.ascontiguousarray(values, dtype=np.float32)
+        return np.ascontiguousarray(values, dtype=np.float32), bad
     if plan.qtype == QT.F16:
         out = values.astype(np.float16)
-        if not np.isfinite(out).all():
-            raise CheckpointError(f"{name} has values beyond f16's range (max |x| = {np.abs(values).max():.3g})",
+        if not bad and not np.isfinite(out).all():
+            raise CheckpointError(f"{plan.spec.hf_name} has values beyond f16's range (max |x| = {np.abs(values).max():.3g})",
                                   "convert to bf16 or f32 instead")
-        return out
-    return gguf.quants.quantize(values, plan.qtype)
+        return out, bad
+    return gguf.quants.quantize(values, plan.qtype), bad
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
+    """pool.map that keeps at most `window` results in flight (Executor.map submits everything)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _write_tensor(fout, writer: gguf.GGUFWriter, pool: ThreadPoolExecutor, plan: TensorPlan, ref, advance) -> None:
+    """Stream one tensor's bytes into the file at the next aligned offset."""
+    writer.write_padding(fout, fout.tell())
+    written = read = bad = 0
+    for chunk, (out, n_bad) in _bounded_map(pool, lambda rows: (rows, _encode(plan, rows, ref.dtype)),
+                                             ref.row_chunks(CHUNK_BYTES), IN_FLIGHT):
+        bad += n_bad
+        if not bad:
+            fout.write(out.reshape(-1).view(np.uint8).data)
+        written += out.nbytes
+        read += chunk.nbytes
+        ref.release(read)  # blocks are written in order: everything before `read` is done
+        advance(chunk.nbytes)
+    ref.release()
+    if bad:
+        raise CheckpointError(f"{plan.spec.hf_name} holds {bad:,} NaN/Inf value(s)",
+                              "the checkpoint is corrupt or diverged in training; use an earlier save")
+    if written != plan.nbytes:  # a bug, not a user error
+        raise AssertionError(f"{plan.spec.gguf_name}: wrote {written} bytes, planned {plan.nbytes}")
+    writer.write_padding(fout, written)
 
 
 def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
                progress: bool = False, model_name: str = "") -> list[TensorPlan]:
-    """Write one GGUF of a direct type, streaming tensor by tensor."""
+    """Write one GGUF of a direct type, streaming block by block. gguf-py writes the header,
+    metadata and tensor index; the tensor data is written here in blocks (gguf-py's
+    write_tensor_data takes whole tensors only)."""
     file_type, wanted = DIRECT_TYPES[outtype]
     plans = [plan_tensor(spec, wanted) for spec in ckpt.specs]
     writer = gguf.GGUFWriter(path, "plm")
@@ -251,12 +296,10 @@ def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
+        fout = writer.fout[0]
+        with ThreadPoolExecutor(CONVERT_THREADS) as pool, _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
             for p in plans:
-                ref = ckpt.tensor(p.spec)
-                data = _encode(p, ref.raw(), ref.dtype)
-                writer.write_tensor_data(data.reshape(-1).view(np.uint8))
-                advance(ref.nbytes)
+                _write_tensor(fout, writer, pool, p, ckpt.tensor(p.spec), advance)
     finally:
         writer.close()
     return plans

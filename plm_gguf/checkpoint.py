@@ -52,6 +52,7 @@ class TensorRef:
     shape: tuple[int, ...]
     file: Path
     _read: Callable[[], np.ndarray]
+    _release: Callable[[int | None], None] = lambda upto=None: None
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +65,19 @@ class TensorRef:
     def f32(self) -> np.ndarray:
         raw = self.raw()
         return bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32, copy=False)
+
+    def row_chunks(self, max_bytes: int) -> Iterator[np.ndarray]:
+        """The stored tensor as consecutive blocks of whole rows (views, no copies)."""
+        raw = self.raw()
+        rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+        step = max(1, max_bytes // max(1, rows[0].nbytes))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step]
+
+    def release(self, upto: int | None = None) -> None:
+        """Drop this tensor's pages (its first `upto` bytes, or all) from the process's resident
+        memory; they stay in the page cache."""
+        self._release(upto)
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
@@ -130,11 +144,16 @@ def _safetensors_refs(file: Path) -> Iterator[TensorRef]:
             buf = mapped.view()[data_start + begin : data_start + stop]
             return np.frombuffer(buf, dtype=_NUMPY_STORAGE[dtype]).reshape(shape)
 
-        yield TensorRef(name, dtype, shape, file, read)
+        def release(upto: int | None = None, begin=begin, stop=stop) -> None:
+            end = stop if upto is None else min(stop, begin + upto)
+            mapped.release(data_start + begin, data_start + end)
+
+        yield TensorRef(name, dtype, shape, file, read, release)
 
 
 class _Mmap:
-    """A read-only map of a file, opened on first use."""
+    """A read-only map of a file, opened on first use. Pages a reader touched count towards its
+    resident memory until released, so the converter releases each tensor once written."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -145,6 +164,14 @@ class _Mmap:
             with open(self.file, "rb") as fh:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(self._map)
+
+    def release(self, begin: int, stop: int) -> None:
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        start = begin - begin % mmap.PAGESIZE
+        stop -= stop % mmap.PAGESIZE if stop < len(self._map) else 0  # whole pages only
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def _torch_refs(file: Path) -> Iterator[TensorRef]:

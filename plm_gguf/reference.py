@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,20 +180,21 @@ class PLMForCausalLM(nn.Module):
     def from_gguf(cls, path, config: PLMConfig, compute_dtype: torch.dtype = torch.float32) -> "PLMForCausalLM":
         """The same model with the weights a GGUF file holds (decoded by gguf-py), so the file's
         content can be compared with its checkpoint in exact arithmetic, apart from any runtime."""
-        import gguf
+        from gguf import GGMLQuantizationType as QT
 
+        from plm_gguf.ggufinfo import read_gguf_info
         from plm_gguf.schema import tensor_table
 
-        stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        info = read_gguf_info(path)
         state = {}
         for spec in tensor_table(config):
-            t = stored[spec.gguf_name]
-            if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-                values = torch.from_numpy(t.data.view("uint16").copy()).view(torch.bfloat16)
-            elif t.tensor_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-                values = torch.from_numpy(t.data.copy())
+            t = info.tensors[spec.gguf_name]
+            if t.qtype == QT.BF16:  # keep 16-bit weights 16-bit: a full-size model stays ~3.6 GB
+                values = torch.from_numpy(np.array(info.data(spec.gguf_name)).view(np.uint16)).view(torch.bfloat16)
+            elif t.qtype == QT.F16:
+                values = torch.from_numpy(np.array(info.data(spec.gguf_name)).view(np.float16))
             else:
-                values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+                values = torch.from_numpy(np.array(info.values(spec.gguf_name), dtype=np.float32))
             state[spec.hf_name] = values.reshape(spec.shape)
         with torch.device("meta"):
             model = cls(config, compute_dtype)

@@ -143,23 +143,22 @@ class PLMConfig:
 def config_from_gguf(path: Path) -> PLMConfig:
     """The PLMConfig a PLM GGUF file describes (its plm.* metadata)."""
     from plm_gguf.errors import UsageError
+    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on foreign files
-        raise UsageError(f"{path} is not a readable GGUF file ({exc})".splitlines()[0], "pass a .gguf file") from exc
-    f = {x.name: x.contents() for x in reader.fields.values() if not x.name.startswith("tokenizer.")}
-    if f.get("general.architecture") != "plm":
-        raise UsageError(f"{path} is not a PLM GGUF (architecture {f.get('general.architecture')!r})",
-                         "plm-gguf works with PLM models only")
+        info = read_gguf_info(path)
+    except (GGUFFormatError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf file") from exc
+    if info.arch != "plm":
+        raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch!r})", "plm-gguf works with PLM models only")
+    f = info.fields
     rope = f["plm.rope.dimension_count"]
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     return PLMConfig(
         hidden_size=f["plm.embedding_length"], num_hidden_layers=f["plm.block_count"],
         num_attention_heads=f["plm.attention.head_count"], num_key_value_heads=f["plm.attention.head_count_kv"],
         intermediate_size=f["plm.feed_forward_length"], kv_lora_rank=f["plm.attention.kv_lora_rank"],
         qk_nope_head_dim=f["plm.attention.key_length"] - rope, qk_rope_head_dim=rope,
-        v_head_dim=f["plm.attention.value_length"], vocab_size=int(embd.shape[1]),
+        v_head_dim=f["plm.attention.value_length"], vocab_size=info.tensors["token_embd.weight"].shape[0],
         max_position_embeddings=f["plm.context_length"], rms_norm_eps=f["plm.attention.layer_norm_rms_epsilon"],
         rope_theta=f["plm.rope.freq_base"],
     )

@@ -23,6 +23,7 @@ from typing import Callable
 import gguf
 
 from plm_gguf.errors import LlamaCppError, UsageError
+from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.llama_worker import run_worker
 from plm_gguf.quant_eval.recipes import Recipe
 from plm_gguf.schema import PLMConfig, config_from_gguf, kv_cache_bytes
@@ -72,7 +73,7 @@ def prepare_base(source: str, out: Path, threads: int) -> tuple[Path, dict]:
     """The unquantized GGUF to quantize from and compare against, and how it was checked."""
     path = Path(source).expanduser()
     if path.is_file():
-        file_type = gguf.LlamaFileType(int(gguf.GGUFReader(path).get_field("general.file_type").contents()))
+        file_type = gguf.LlamaFileType(int(read_gguf_info(path).get("general.file_type", 1024)))
         if file_type not in _UNQUANTIZED:
             raise UsageError(f"{path.name} is already quantized ({file_type.name})",
                              "sweep from the checkpoint or from its f32/bf16/f16 GGUF")
@@ -227,13 +228,13 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
 
 def file_facts(path: Path) -> dict:
     """Size, bits per weight and the tensor types used per tensor group, read from the file."""
-    reader = gguf.GGUFReader(path)
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    data_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    tensors = read_gguf_info(path).tensors.values()
+    n_params = sum(t.n_elements for t in tensors)
+    data_bytes = sum(t.n_bytes for t in tensors)
     groups: dict[str, set[str]] = {}
-    for t in reader.tensors:
+    for t in tensors:
         group = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.removesuffix(".weight")
-        groups.setdefault(group, set()).add(t.tensor_type.name)
+        groups.setdefault(group, set()).add(t.qtype.name)
     return {"file_bytes": path.stat().st_size, "bpw": 8 * data_bytes / n_params,
             "types": {g: sorted(v) for g, v in sorted(groups.items())}}
 

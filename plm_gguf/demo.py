@@ -25,24 +25,27 @@ def register(app: typer.Typer) -> None:
 def demo(
     workdir: Path = typer.Option(Path("plm-gguf-demo"), "--workdir", help="Where the demo writes its files."),
     tokenizer: str = typer.Option("qwen", "--tokenizer", help="qwen (the real 151k vocabulary) or tiny."),
+    deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Build llama.cpp for this machine and bench it."),
 ) -> None:
-    """Build a small PLM checkpoint, convert it to several types and verify each one."""
+    """The whole pipeline on a small PLM built here: convert, verify, sweep, deploy to this machine."""
     from plm_gguf.convert.verify import verify
     from plm_gguf.convert.writer import convert
     from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = workdir / "PLM-demo-checkpoint"
-    vocab = 151936 if tokenizer == "qwen" else 1024
-    config = tiny_config(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, vocab_size=vocab)
-    console.rule("1. checkpoint")
+    # every matrix row a multiple of 256, so llama.cpp's K-quants apply as they do on PLM-1.8B
+    config = tiny_config(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
+                         kv_lora_rank=256, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64,
+                         vocab_size=151936 if tokenizer == "qwen" else 4096)
+    console.rule("1. a PLM checkpoint")
     write_tiny_checkpoint(ckpt_dir, config, tokenizer="qwen" if tokenizer == "qwen" else "tiny")
-    console.print(f"wrote a PLM checkpoint (bf16 safetensors, {tokenizer} tokenizer) to {ckpt_dir}")
+    console.print(f"{ckpt_dir}: PLM's schema (MLA, squared ReLU, tied embeddings), random bf16 weights, "
+                  f"{tokenizer} tokenizer")
 
     console.rule("2. convert and verify")
     table = Table()
-    for col in ("type", "size MiB", "convert s", "mean KL", "top-1", "verdict"):
+    for col in ("type", "MiB", "convert s", "file vs checkpoint KL", "llama.cpp KL", "top-1", "verdict"):
         table.add_column(col, justify="right")
     files = {}
     for outtype in DEMO_TYPES:
@@ -50,17 +53,21 @@ def demo(
         files[outtype] = result.outfile
         check = verify(ckpt_dir, result.outfile)
         verdict = "reported" if check.threshold is None else ("pass" if check.passed else "FAIL")
-        table.add_row(outtype, f"{result.nbytes / 2**20:.2f}", f"{result.seconds:.2f}", f"{check.stats.mean_kl:.3g}",
-                      f"{check.stats.top1:.1%}", verdict)
+        file_kl = "-" if check.file_stats is None else f"{check.file_stats.mean_kl:.2g}"
+        table.add_row(outtype, f"{result.nbytes / 2**20:.1f}", f"{result.seconds:.2f}", file_kl,
+                      f"{check.stats.mean_kl:.2g}", f"{check.stats.top1:.1%}", verdict)
     console.print(table)
-    _later_stages(ckpt_dir, files, workdir)
+
+    console.rule("3. quantization sweep (budget: this machine's available memory)")
+    _command("quantize", files["f32"], "--sweep", "--types", "q8_0,q6_k,q4_k_m,q4_0", "--ctx", "256",
+             "--device", "host", "--out", workdir / "sweep")
+    if deploy:
+        console.rule("4. deploy to this machine (host profile) and benchmark")
+        _command("deploy", files["q4_k_m"], "--device", "host", "--ctx", "512", "--bench")
 
 
-def _later_stages(ckpt_dir: Path, files: dict[str, Path], workdir: Path) -> None:
-    """The sweep and the host deploy, where those stages are installed."""
-    try:
-        from plm_gguf.devices.deploy import demo_deploy
-    except ImportError:
-        return
-    console.rule("3. deploy to this machine (host profile) and benchmark")
-    demo_deploy(files["q4_k_m"], console=console)
+def _command(*args) -> None:
+    """Run another plm-gguf command in this process, as a user would type it."""
+    from plm_gguf.cli import app
+
+    app(args=[str(a) for a in args], standalone_mode=False)

@@ -210,6 +210,7 @@ class PLMForCausalLM(nn.Module):
         for spec in ckpt.specs:
             ref = ckpt.tensor(spec)
             values = torch.from_numpy(ref.raw().copy())
+            ref.release()  # the copy is ours; drop the mapped pages
             if ref.dtype == "BF16":
                 values = values.view(torch.bfloat16)
             check_finite(spec.hf_name, values)

@@ -71,9 +71,10 @@ def _verify_and_print(model: str, gguf_file: Path, threads: int | None) -> None:
     elif result.matched_dtype is None:
         columns.append(("llama.cpp", result.stats, limit, mark(result.runtime_passed)))
     else:
-        from plm_gguf.convert.verify import RUNTIME_GROSS_KL
+        from plm_gguf.convert.verify import RUNTIME_GROSS_KL, RUNTIME_MIN_TOP1
 
-        columns.append((f"llama.cpp ({result.matched_dtype} inputs)", result.stats, f"{RUNTIME_GROSS_KL:g}",
+        columns.append((f"llama.cpp ({result.matched_dtype} inputs)", result.stats,
+                        f"{RUNTIME_GROSS_KL:g}, top-1 ≥ {RUNTIME_MIN_TOP1:.0%}",
                         mark(result.runtime_passed)))
         columns.append(("llama.cpp (f32 reference)", result.exact, "-", "reported"))
     table = Table(title=f"{gguf_file.name} ({result.file_type}) against the torch reference")

@@ -8,7 +8,8 @@
    f16 files llama.cpp's CPU backend rounds every matmul's activations to the weight type; the
    comparison is made with a reference that does the same, and reported: a single activation
    that rounds the other way (the two sum in different orders) moves every later position, so
-   agreement there is bounded by the runtime, not by the file. A gross disagreement still fails.
+   agreement there is bounded by the runtime, not by the file. A gross disagreement (mean KL
+   above 0.1 or top-1 below 90%: a broken graph) still fails.
 
 Separately, the checkpoint's tokenizer (the `tokenizers` library) and llama.cpp's tokenizer
 encode a built-in multilingual sample; every difference is listed, naming those caused only by
@@ -75,8 +76,12 @@ class TokenDiff:
     nfc_only: bool
 
 
-# Above this mean KL at matched precision, llama.cpp is not computing PLM's graph on this file.
-RUNTIME_GROSS_KL = 1e-3
+# For bf16/f16 files, llama.cpp's own rounding of activations to 8 (bf16) or 11 (f16) bits moves
+# the distributions by about what 8-bit activation quantization does (PLM_FACTS: KL ~4e-2 for
+# Q8_0 on PLM-1.8B), so only a gross disagreement fails: a broken graph, not runtime precision.
+# The exact check of llama.cpp's graph is the f32 file's, at the lossless threshold.
+RUNTIME_GROSS_KL = 0.1
+RUNTIME_MIN_TOP1 = 0.9
 
 # The precision llama.cpp's CPU backend holds matmul activations at, for files of these types.
 MATMUL_INPUT_DTYPES = {gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16, gguf.LlamaFileType.MOSTLY_F16: torch.float16}
@@ -105,7 +110,7 @@ class VerifyResult:
             return True
         if self.matched_dtype is None:  # f32: llama.cpp computes exactly what the reference does
             return self.stats.mean_kl <= self.threshold and self.stats.top1 == 1.0
-        return self.stats.mean_kl <= RUNTIME_GROSS_KL
+        return self.stats.mean_kl <= RUNTIME_GROSS_KL and self.stats.top1 >= RUNTIME_MIN_TOP1
 
     @property
     def passed(self) -> bool:

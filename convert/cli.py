@@ -27,11 +27,14 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp pre-tokenizer name, overriding detection."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for quantization and verification."),
+    kv_cache: str = typer.Option("full", "--kv-cache", help="full: stock llama.cpp layout. latent: absorbed MLA, "
+                                 "8.9x smaller KV cache; needs llama.cpp with patches/llama.cpp (plm-gguf builds it)."),
 ) -> None:
     """Convert a PLM checkpoint to GGUF (streaming; nothing is left behind on failure)."""
     from plm_gguf.convert.writer import convert as run
 
-    result = run(model, outfile, outtype, force=force, pre_tokenizer=pre_tokenizer, progress=True, threads=threads)
+    result = run(model, outfile, outtype, force=force, pre_tokenizer=pre_tokenizer, progress=True, threads=threads,
+                 kv_cache=kv_cache)
     mib = result.nbytes / 2**20
     speed = result.source_bytes / 2**20 / max(result.seconds, 1e-9)
     console.print(f"[green]wrote[/] {result.outfile} ({result.outtype}, {mib:,.1f} MiB) in {result.seconds:.1f} s, "
@@ -41,6 +44,9 @@ def convert(
         console.print(f"[yellow]fallback[/] {name}: rows do not fit {wanted} blocks, written as {got}")
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")
+    if kv_cache == "latent":
+        console.print("[yellow]latent KV layout[/]: stock llama.cpp refuses this file; plm-gguf verify, quantize "
+                      "and deploy use llama.cpp with patches/llama.cpp applied")
     if verify_:
         _verify_and_print(model, result.outfile, threads)
 

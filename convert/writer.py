@@ -104,10 +104,13 @@ def convert(
     pre_tokenizer: str | None = None,
     progress: bool = False,
     threads: int | None = None,
+    kv_cache: str = "full",
 ) -> ConvertResult:
     """Convert a PLM checkpoint (folder or Hugging Face repo id) to GGUF. Everything is checked
     (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written."""
     outtype = parse_outtype(outtype)  # fail fast on a typo, before any download
+    if kv_cache not in ("full", "latent"):
+        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
     if outtype in NEEDS_IMATRIX:
         raise UsageError(f"{outtype} needs an importance matrix, which convert does not compute",
                          "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")
@@ -121,13 +124,13 @@ def convert(
     start = time.perf_counter()
     with partial_path(target, ".partial") as tmp:
         if outtype in DIRECT_TYPES:
-            plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model))
+            plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model), kv_cache=kv_cache)
         else:
             from plm_gguf.convert.quantize import quantize_file
 
             lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
             with partial_path(target, ".src.partial") as src:
-                write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model))
+                write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model), kv_cache=kv_cache)
                 quantize_file(src, tmp, outtype, threads=threads, progress=progress)
             plans = None
         os.replace(tmp, target)
@@ -190,7 +193,8 @@ def partial_path(target: Path, suffix: str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: str, file_type: FT) -> None:
+def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: str, file_type: FT,
+                       kv_cache: str = "full") -> None:
     """general.* (through gguf-py's Metadata heuristics) and every plm.* key llama.cpp reads."""
     c = ckpt.config
     n_params = parameter_count(c)
@@ -206,13 +210,20 @@ def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: st
     writer.add_block_count(c.num_hidden_layers)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.n_head)
-    writer.add_head_count_kv(c.num_key_value_heads or c.n_head)
+    if kv_cache == "full":
+        writer.add_head_count_kv(c.num_key_value_heads or c.n_head)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_kv_lora_rank(c.kv_lora_rank)
-    writer.add_key_length(c.qk_head_dim)
-    writer.add_value_length(c.v_head_dim)
+    if kv_cache == "full":
+        writer.add_key_length(c.qk_head_dim)
+        writer.add_value_length(c.v_head_dim)
+    else:  # absorbed MLA: attention over the latent, as llama.cpp's deepseek2 describes it
+        from plm_gguf.convert.mla import MlaSizes, mla_metadata
+
+        for key, value in mla_metadata(MlaSizes.from_config(c)).items():
+            writer.add_uint32(key, value)
     writer.add_rope_dimension_count(c.qk_rope_head_dim)
     writer.add_file_type(file_type)
     if file_type not in (FT.ALL_F32, FT.MOSTLY_F16, FT.MOSTLY_BF16):
@@ -279,15 +290,62 @@ def _write_tensor(fout, writer: gguf.GGUFWriter, pool: ThreadPoolExecutor, plan:
     writer.write_padding(fout, written)
 
 
+class _KvBPart:
+    """attn_k_b or attn_v_b of the latent layout, cut from the checkpoint's kv_b_proj on the fly
+    (a re-layout of the stored values, exact for any dtype)."""
+
+    def __init__(self, ref, sizes, index: int) -> None:
+        self.ref, self.sizes, self.index, self.dtype = ref, sizes, index, ref.dtype
+
+    def raw(self) -> np.ndarray:
+        from plm_gguf.convert.mla import split_kv_b
+
+        return split_kv_b(self.ref.raw(), self.sizes)[self.index]
+
+    def row_chunks(self, max_bytes: int):
+        rows = self.raw()
+        rows = rows.reshape(-1, rows.shape[-1])
+        step = max(1, max_bytes // max(1, rows[0].nbytes))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step]
+
+    def release(self, upto: int | None = None) -> None:
+        if self.index == 1 and upto is None:
+            self.ref.release()
+
+
+def _latent_plans(ckpt: Checkpoint, wanted: QT) -> list[tuple[TensorPlan, object]]:
+    from plm_gguf.convert.mla import MlaSizes
+
+    c, sizes = ckpt.config, MlaSizes.from_config(ckpt.config)
+    out = []
+    for spec in ckpt.specs:
+        ref = ckpt.tensor(spec)
+        if spec.kind != gguf.MODEL_TENSOR.ATTN_KV_B:
+            out.append((plan_tensor(spec, wanted), ref))
+            continue
+        prefix = spec.gguf_name.removesuffix("attn_kv_b.weight")
+        k_b = TensorSpec(spec.hf_name + "[k_b]", prefix + "attn_k_b.weight", gguf.MODEL_TENSOR.ATTN_K_B,
+                         (c.n_head, c.kv_lora_rank, c.qk_nope_head_dim))
+        v_b = TensorSpec(spec.hf_name + "[v_b]", prefix + "attn_v_b.weight", gguf.MODEL_TENSOR.ATTN_V_B,
+                         (c.n_head, c.v_head_dim, c.kv_lora_rank))
+        out += [(plan_tensor(k_b, wanted), _KvBPart(ref, sizes, 0)), (plan_tensor(v_b, wanted), _KvBPart(ref, sizes, 1))]
+    return out
+
+
 def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
-               progress: bool = False, model_name: str = "") -> list[TensorPlan]:
+               progress: bool = False, model_name: str = "", kv_cache: str = "full") -> list[TensorPlan]:
     """Write one GGUF of a direct type, streaming block by block. gguf-py writes the header,
     metadata and tensor index; the tensor data is written here in blocks (gguf-py's
     write_tensor_data takes whole tensors only)."""
     file_type, wanted = DIRECT_TYPES[outtype]
-    plans = [plan_tensor(spec, wanted) for spec in ckpt.specs]
+    if kv_cache == "latent":
+        sources = _latent_plans(ckpt, wanted)
+    else:
+        sources = [(plan_tensor(spec, wanted), ckpt.tensor(spec)) for spec in ckpt.specs]
+    plans = [p for p, _ in sources]
     writer = gguf.GGUFWriter(path, "plm")
-    add_model_metadata(writer, ckpt, model_name or ckpt.folder.name, file_type)
+    add_model_metadata(writer, ckpt, model_name or ckpt.folder.name, file_type, kv_cache)
     vocab.add_to_gguf(writer)
     for p in plans:
         byte_shape = gguf.quant_shape_to_byte_shape(p.spec.shape, p.qtype)
@@ -298,8 +356,8 @@ def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
         with ThreadPoolExecutor(CONVERT_THREADS) as pool, _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
-            for p in plans:
-                _write_tensor(fout, writer, pool, p, ckpt.tensor(p.spec), advance)
+            for p, ref in sources:
+                _write_tensor(fout, writer, pool, p, ref, advance)
     finally:
         writer.close()
     return plans

@@ -188,6 +188,13 @@ class PLMForCausalLM(nn.Module):
         info = read_gguf_info(path)
         state = {}
         for spec in tensor_table(config):
+            if spec.gguf_name not in info.tensors and spec.gguf_name.endswith("attn_kv_b.weight"):
+                from plm_gguf.convert.mla import merge_kv_b  # latent layout: kv_b stored split
+
+                prefix = spec.gguf_name.removesuffix("attn_kv_b.weight")
+                k_b, v_b = (info.values(prefix + part) for part in ("attn_k_b.weight", "attn_v_b.weight"))
+                state[spec.hf_name] = torch.from_numpy(merge_kv_b(k_b, v_b).astype(np.float32))
+                continue
             t = info.tensors[spec.gguf_name]
             if t.qtype == QT.BF16:  # keep 16-bit weights 16-bit: a full-size model stays ~3.6 GB
                 values = torch.from_numpy(np.array(info.data(spec.gguf_name)).view(np.uint16)).view(torch.bfloat16)

@@ -153,20 +153,24 @@ def config_from_gguf(path: Path) -> PLMConfig:
         raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch!r})", "plm-gguf works with PLM models only")
     f = info.fields
     rope = f["plm.rope.dimension_count"]
+    latent = "plm.attention.key_length_mla" in f  # absorbed MLA: per-head sizes in the *_mla keys
+    key_length = f["plm.attention.key_length_mla" if latent else "plm.attention.key_length"]
     return PLMConfig(
         hidden_size=f["plm.embedding_length"], num_hidden_layers=f["plm.block_count"],
-        num_attention_heads=f["plm.attention.head_count"], num_key_value_heads=f["plm.attention.head_count_kv"],
+        num_attention_heads=f["plm.attention.head_count"], num_key_value_heads=f["plm.attention.head_count"],
         intermediate_size=f["plm.feed_forward_length"], kv_lora_rank=f["plm.attention.kv_lora_rank"],
-        qk_nope_head_dim=f["plm.attention.key_length"] - rope, qk_rope_head_dim=rope,
-        v_head_dim=f["plm.attention.value_length"], vocab_size=info.tensors["token_embd.weight"].shape[0],
+        qk_nope_head_dim=key_length - rope, qk_rope_head_dim=rope,
+        v_head_dim=f["plm.attention.value_length_mla" if latent else "plm.attention.value_length"], vocab_size=info.tensors["token_embd.weight"].shape[0],
         max_position_embeddings=f["plm.context_length"], rms_norm_eps=f["plm.attention.layer_norm_rms_epsilon"],
         rope_theta=f["plm.rope.freq_base"],
     )
 
 
-def kv_cache_bytes(config: PLMConfig, n_ctx: int, bytes_per_value: float = 2.0) -> int:
-    """Stock llama.cpp's PLM KV cache: full per-head K (nope+rope) and V for every layer."""
-    per_token_layer = config.n_head * (config.qk_head_dim + config.v_head_dim)
+def kv_cache_bytes(config: PLMConfig, n_ctx: int, bytes_per_value: float = 2.0, latent: bool = False) -> int:
+    """llama.cpp's PLM KV cache. Stock layout: full per-head K (nope+rope) and V for every layer.
+    Latent layout (absorbed MLA, patched llama.cpp): the latent and the shared rope key only."""
+    per_token_layer = (config.kv_lora_rank + config.qk_rope_head_dim if latent
+                       else config.n_head * (config.qk_head_dim + config.v_head_dim))
     return int(config.num_hidden_layers * n_ctx * per_token_layer * bytes_per_value)
 
 

@@ -192,7 +192,9 @@ def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str) -> dict:
                 "--out", str(result_file), "--threads", str(sweep.options.threads)])
     result = json.loads(result_file.read_text())
     result_file.unlink()
-    expected = kv_cache_bytes(sweep.config, sweep.options.ctx) / 2**20
+    from plm_gguf.convert.mla import is_latent
+
+    expected = kv_cache_bytes(sweep.config, sweep.options.ctx, latent=is_latent(model)) / 2**20
     result.update(kv_mib_expected=round(expected, 2), ppl=math.exp(result["nll_mean"]),
                   prompt_tps=result["prompt_tokens"] / result["prompt_seconds"],
                   gen_tps=result["gen_tokens"] / result["gen_seconds"])

@@ -1,0 +1,463 @@
+"""llama.cpp with absorbed MLA for PLM, built for this host as a shared library.
+
+The patches in patches/llama.cpp/ teach llama.cpp's `plm` graph the latent KV-cache layout
+(convert/mla.py). They apply to the llama.cpp that llama-cpp-python vendors, so this module
+fetches that version's sdist, applies them, builds libllama + libggml* with cmake and the
+system compiler, and caches the result in the user cache (PLM_GGUF_CACHE overrides):
+
+    CACHE/llama-lib/KEY/lib/libllama.so, libggml.so, libggml-base.so, libggml-cpu.so (+ .so.N)
+    CACHE/llama-lib/KEY/manifest.json
+
+KEY names the llama-cpp-python version and hashes the patches and the build recipe. One file
+lock per KEY serialises builds; a build is assembled in a staging folder and renamed into place
+when complete, so an interrupted build leaves no half entry.
+
+llama-cpp-python loads the library from $LLAMA_CPP_LIB_PATH (llama_cpp/llama_cpp.py, read at
+import: `load_shared_library("llama", LLAMA_CPP_LIB_PATH)` opens LIB_PATH/libllama.so, which
+finds libggml*.so.0 next to it through its $ORIGIN runpath). `lib_env()` gives an environment
+for a child process; the variable must be set before llama_cpp is first imported.
+
+Child-process entry points (llama.cpp may abort): `python -m plm_gguf.llama_lib build` prints
+the library folder; `python -m plm_gguf.llama_lib probe MODEL` loads a GGUF and prints JSON
+with what llama.cpp reports about its KV cache (or the load error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from plm_gguf.errors import LlamaCppError
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version plm-gguf pins; its vendor/llama.cpp is patched
+RECIPE_VERSION = 1  # bump when the build recipe below changes
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_COMMON=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DGGML_NATIVE=OFF",
+    # the libraries find each other in their own folder wherever the cache is
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+)
+LIB_PATTERNS = ("libllama.so*", "libggml*.so*")
+NEEDED_LIBS = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
+
+FULL_CACHE_HINT = "use --kv-cache full (the stock layout, which the installed llama-cpp-python runs)"
+
+
+# ---------------------------------------------------------------- locations
+
+def cache_dir() -> Path:
+    """The user cache (PLM_GGUF_CACHE overrides)."""
+    override = os.environ.get("PLM_GGUF_CACHE")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("plm-gguf"))
+
+
+def patches_dir() -> Path:
+    """patches/llama.cpp of the source tree, or plm_gguf/patches/llama.cpp where an installed
+    package carries them as package data (PLM_GGUF_PATCHES overrides)."""
+    override = os.environ.get("PLM_GGUF_PATCHES")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "patches" / "llama.cpp", here / "patches" / "llama.cpp"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def patch_files() -> list[Path]:
+    folder = patches_dir()
+    files = sorted(folder.glob("*.patch")) if folder.is_dir() else []
+    if not files:
+        raise LlamaCppError(f"no llama.cpp patches in {folder}", FULL_CACHE_HINT)
+    return files
+
+
+def build_key(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
+    """Names the source version; hashes the patches (names and bytes) and the recipe."""
+    digest = hashlib.sha256()
+    digest.update(f"recipe {RECIPE_VERSION}\n{' '.join(CMAKE_FLAGS)}\n{platform.machine()}\n".encode())
+    for file in patch_files():
+        digest.update(file.name.encode() + b"\0" + _patch_body(file.read_bytes()) + b"\0")
+    return f"lcp{version}-mla-{digest.hexdigest()[:16]}"
+
+
+def _patch_body(data: bytes) -> bytes:
+    """The diff itself: a format-patch header (message, diffstat) or signature builds nothing."""
+    start = 0 if data.startswith(b"diff --git ") else data.find(b"\ndiff --git ") + 1
+    body = data[start:]
+    end = body.rfind(b"\n-- \n")
+    return body[: end + 1] if end >= 0 else body
+
+
+def entry_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return cache_dir() / "llama-lib" / build_key(version)
+
+
+def _lock(path: Path):
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+# ---------------------------------------------------------------- source
+
+def source_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The pristine vendor/llama.cpp of llama-cpp-python VERSION's sdist, fetched with pip into
+    CACHE/src (the same place plm_gguf.devices keeps it). Never modified: builds copy it."""
+    root = cache_dir() / "src" / f"llama-cpp-python-{version}"
+    src = root / "vendor" / "llama.cpp"
+    if src.is_dir():
+        return src
+    with _lock(root):
+        if not src.is_dir():
+            _fetch_sdist(version, root)
+    return src
+
+
+def _fetch_sdist(version: str, root: Path) -> None:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        # --no-binary names the package only: with :all: pip also builds the sdist's build
+        # dependencies from source just to read its metadata (minutes, measured here)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+               "-d", tmp, f"llama-cpp-python=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise LlamaCppError(f"could not download the llama-cpp-python {version} sdist: {tail[0]}",
+                                f"check access to PyPI, or {FULL_CACHE_HINT}")
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        unpacked = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        if not (unpacked / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+            raise LlamaCppError(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp", FULL_CACHE_HINT)
+        os.replace(unpacked, root)
+
+
+def apply_patches(tree: Path, patches: list[Path] | None = None, *, check_only: bool = False) -> None:
+    """Apply the patch set to a llama.cpp tree (git apply, or patch -p1 without git); raise
+    LlamaCppError naming the first patch that does not apply."""
+    tree = Path(tree).resolve()
+    # git apply inside some repository's work tree applies relative to that repository and
+    # silently skips paths outside the current folder: keep git from looking above the tree
+    env = os.environ | {"GIT_CEILING_DIRECTORIES": str(tree.parent)}
+    for patch in patches or patch_files():
+        patch = Path(patch).resolve()
+        if shutil.which("git"):
+            steps = [["git", "apply", "--check", "-p1", str(patch)]]
+            if not check_only:  # apply, then prove it applied (the reverse must apply now)
+                steps += [["git", "apply", "-p1", str(patch)], ["git", "apply", "--check", "-R", "-p1", str(patch)]]
+        elif shutil.which("patch"):
+            steps = [["patch", "-p1", "--dry-run", "-s", "-i", str(patch)]]
+            if not check_only:
+                steps += [["patch", "-p1", "-s", "-i", str(patch)]]
+        else:
+            raise LlamaCppError("neither git nor patch is installed to apply the llama.cpp patches",
+                                f"install git, or {FULL_CACHE_HINT}")
+        for cmd in steps:
+            proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                said = (proc.stderr or proc.stdout).strip().splitlines()
+                raise LlamaCppError(
+                    f"the llama.cpp patch {patch.name} does not apply to {tree}: {said[0] if said else 'no output'}",
+                    f"the patch targets the llama.cpp of llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}; {FULL_CACHE_HINT}")
+
+
+# ---------------------------------------------------------------- build
+
+def _cmake() -> str:
+    found = shutil.which("cmake")
+    if not found:
+        raise LlamaCppError("cmake is not installed", f"install cmake and a C++ compiler, or {FULL_CACHE_HINT}")
+    return found
+
+
+def build(*, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None,
+          log=None, force: bool = False) -> Path:
+    """The cache entry's lib/ folder for the patched library, built first if needed."""
+    entry = entry_dir(version)
+    lib = entry / "lib"
+    if not force and _complete(lib):
+        return lib
+    with _lock(entry):
+        if not force and _complete(lib):
+            return lib
+        for stale in entry.parent.glob(f".{entry.name}.*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        src = source_dir(version)
+        stage = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        failed_log = entry.parent / f"{entry.name}.failed.log"
+        try:
+            started = time.monotonic()
+            tree = stage / "llama.cpp"
+            shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "build"))
+            apply_patches(tree)
+            _run_build(tree, stage / "build", jobs or os.cpu_count() or 1, log, stage / "build.log")
+            out = stage / "entry"
+            (out / "lib").mkdir(parents=True)
+            for pattern in LIB_PATTERNS:
+                for file in sorted((stage / "build" / "bin").glob(pattern)):
+                    shutil.copy2(file, out / "lib" / file.name, follow_symlinks=False)
+            missing = [name for name in NEEDED_LIBS if not (out / "lib" / name).exists()]
+            if missing:
+                raise LlamaCppError(f"the llama.cpp build made no {', '.join(missing)}", FULL_CACHE_HINT)
+            manifest = {
+                "key": entry.name, "llama_cpp_python": version, "recipe": RECIPE_VERSION,
+                "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in patch_files()},
+                "cmake_flags": list(CMAKE_FLAGS), "build_seconds": round(time.monotonic() - started, 1),
+                "compiler": _compiler_version(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            shutil.copy2(stage / "build.log", out / "build.log")
+            if entry.exists():  # force: replace the old entry
+                shutil.rmtree(entry)
+            os.replace(out, entry)
+            failed_log.unlink(missing_ok=True)
+        except BaseException:
+            if (stage / "build.log").is_file():  # keep the log of a failed build, outside the stage
+                shutil.copy2(stage / "build.log", failed_log)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return lib
+
+
+def _complete(lib: Path) -> bool:
+    return all((lib / name).exists() for name in NEEDED_LIBS) and (lib.parent / "manifest.json").is_file()
+
+
+def _compiler_version() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def _run_build(tree: Path, build_dir: Path, jobs: int, log, log_file: Path) -> None:
+    cmake = _cmake()
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    steps = [
+        [cmake, "-S", str(tree), "-B", str(build_dir), *generator, *CMAKE_FLAGS],
+        [cmake, "--build", str(build_dir), "--target", "llama", "--parallel", str(jobs)],
+    ]
+    with open(log_file, "w") as out:
+        for cmd in steps:
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+            assert proc.stdout is not None
+            tail: list[str] = []
+            for line in proc.stdout:
+                out.write(line)
+                tail = (tail + [line.rstrip()])[-20:]
+                if log:
+                    log(line.rstrip())
+            if proc.wait() != 0:
+                said = next((l for l in reversed(tail) if "error" in l.lower()), tail[-1] if tail else "no output")
+                raise LlamaCppError(f"building the patched llama.cpp failed: {said.strip()}",
+                                    f"the full log is kept as llama-lib/*.failed.log in the cache; {FULL_CACHE_HINT}")
+
+
+def lib_env(base: dict | None = None, lib: Path | None = None) -> dict:
+    """An environment for a child process that loads the patched library."""
+    env = dict(os.environ if base is None else base)
+    env["LLAMA_CPP_LIB_PATH"] = str(lib or build())
+    return env
+
+
+# ---------------------------------------------------------------- what llama.cpp says
+
+_KV_LINE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB .*?K \((\w+)\):\s*([\d.]+) MiB(?:, V \((\w+)\):\s*([\d.]+) MiB)?")
+
+
+def parse_kv_cache(log_text: str) -> dict | None:
+    """llama.cpp's own report of its KV cache size, from its log."""
+    match = _KV_LINE.search(log_text)
+    if not match:
+        return None
+    total, k_type, k_mib, v_type, v_mib = match.groups()
+    return {"total_mib": float(total), "k_type": k_type, "k_mib": float(k_mib),
+            "v_type": v_type, "v_mib": float(v_mib) if v_mib is not None else 0.0}
+
+
+def probe(model: str | os.PathLike[str], *, n_ctx: int = 4096, f32_cache: bool = False,
+          env: dict | None = None, timeout: float = 600) -> dict:
+    """Load MODEL in a child process (with env, e.g. lib_env()) and return llama.cpp's report:
+    {"ok": bool, "kv_cache": {...} | None, "error": first error line | None, "lib": path}."""
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "probe", str(model), "--n-ctx", str(n_ctx)]
+    if f32_cache:
+        cmd.append("--f32-cache")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ok": False, "kv_cache": None, "error": f"the probe died (exit {proc.returncode}): {said}", "lib": None}
+
+
+def _probe_child(model: str, n_ctx: int, f32_cache: bool) -> None:
+    import llama_cpp
+
+    captured: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):  # noqa: ARG001
+        captured.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(log, None)
+    cache_type = 0 if f32_cache else 1  # GGML_TYPE_F32 / GGML_TYPE_F16
+    report = {"ok": False, "kv_cache": None, "error": None,
+              "lib": os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")}
+    try:
+        llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                              flash_attn=False, type_k=cache_type, type_v=cache_type, verbose=True)
+        report["ok"] = True
+        del llm
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        report["error"] = str(exc)
+    text = "".join(captured)
+    report["kv_cache"] = parse_kv_cache(text)
+    errors = [l.strip() for l in text.splitlines() if "error" in l.lower() or "failed" in l.lower()]
+    if errors:
+        report["error"] = errors[0]
+    print(json.dumps(report), flush=True)
+
+
+def _bench_child(model: str, n_ctx: int, n_gen: int, threads: int, cache_type: int, flash_attn: bool) -> None:
+    """Prompt tok/s for n_ctx - n_gen random tokens, then generation tok/s for n_gen tokens at
+    that depth (one token per decode, as llama-bench's tg): JSON on stdout."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
+                type_k=cache_type, type_v=cache_type, verbose=False, seed=0)
+    n_vocab = llm.n_vocab()
+    tokens = np.random.default_rng(0).integers(100, min(n_vocab, 150000), n_ctx).tolist()
+    n_prompt = n_ctx - n_gen
+    start = time.perf_counter()
+    llm.eval(tokens[:n_prompt])
+    t_prompt = time.perf_counter() - start
+    start = time.perf_counter()
+    for tok in tokens[n_prompt:]:
+        llm.eval([tok])
+    t_gen = time.perf_counter() - start
+    print(json.dumps({"model": model, "n_ctx": n_ctx, "threads": threads, "n_prompt": n_prompt,
+                      "prompt_tok_s": round(n_prompt / t_prompt, 2), "n_gen": n_gen,
+                      "gen_tok_s": round(n_gen / t_gen, 2), "flash_attn": flash_attn,
+                      "lib": os.environ.get("LLAMA_CPP_LIB_PATH", "installed")}), flush=True)
+
+
+def _run_child(model: str, tokens_file: str, out: str, cache_type: int, flash_attn: bool, greedy: int) -> None:
+    """Logits (logits_i.npy) of each token sequence, with a chosen KV cache type and flash
+    attention (which llama_worker always turns off), plus greedy continuations (greedy.json)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    sequences = json.loads(Path(tokens_file).read_text())
+    n_ctx = max(16, max(len(s) for s in sequences) + greedy)
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                logits_all=True, flash_attn=flash_attn, type_k=cache_type, type_v=cache_type, verbose=False, seed=0)
+    continuations = []
+    for i, tokens in enumerate(sequences):
+        llm.reset()
+        llm.eval(tokens)
+        np.save(Path(out) / f"logits_{i}.npy", np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        generated = []
+        for _ in range(greedy):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            generated.append(nxt)
+            llm.eval([nxt])
+        continuations.append(generated)
+    (Path(out) / "greedy.json").write_text(json.dumps(continuations))
+
+
+def run_logits(model: str | os.PathLike[str], sequences: list[list[int]], out: Path, *, env: dict | None = None,
+               cache_type: int = 0, flash_attn: bool = False, greedy: int = 0, timeout: float = 600):
+    """Run _run_child in a child process: (logits per sequence, greedy continuations)."""
+    import numpy as np
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokens.json").write_text(json.dumps(sequences))
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "run", str(model), "--tokens", str(out / "tokens.json"),
+           "--out", str(out), "--cache-type", str(cache_type), "--greedy", str(greedy)]
+    if flash_attn:
+        cmd.append("--flash-attn")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlamaCppError(f"llama.cpp failed on {model} (exit {proc.returncode}): {said}",
+                            "run `python -m plm_gguf.llama_lib probe MODEL` to see llama.cpp's log")
+    logits = [np.load(out / f"logits_{i}.npy") for i in range(len(sequences))]
+    return logits, json.loads((out / "greedy.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="plm_gguf.llama_lib")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or find) the patched library; print its folder")
+    b.add_argument("--force", action="store_true")
+    b.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("probe", help="load a GGUF (child process) and print llama.cpp's KV cache report")
+    p.add_argument("model")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--f32-cache", action="store_true")
+    q = sub.add_parser("bench", help="prompt and generation tok/s at a context size (child process)")
+    q.add_argument("model")
+    q.add_argument("--n-ctx", type=int, default=512)
+    q.add_argument("--n-gen", type=int, default=32)
+    q.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    q.add_argument("--cache-type", type=int, default=1, help="ggml type of the KV cache (1 = f16, 8 = q8_0)")
+    q.add_argument("--flash-attn", action="store_true")
+    r = sub.add_parser("run", help="logits and greedy continuations (child process)")
+    r.add_argument("model")
+    r.add_argument("--tokens", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--cache-type", type=int, default=0)
+    r.add_argument("--flash-attn", action="store_true")
+    r.add_argument("--greedy", type=int, default=0)
+    a = parser.parse_args(argv)
+    if a.cmd == "build":
+        try:
+            lib = build(force=a.force, log=(lambda l: print(l, file=sys.stderr)) if a.verbose else None)
+        except LlamaCppError as exc:
+            print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        print(lib)
+    elif a.cmd == "run":
+        _run_child(a.model, a.tokens, a.out, a.cache_type, a.flash_attn, a.greedy)
+    elif a.cmd == "bench":
+        _bench_child(a.model, a.n_ctx, a.n_gen, a.threads, a.cache_type, a.flash_attn)
+    else:
+        _probe_child(a.model, a.n_ctx, a.f32_cache)
+
+
+if __name__ == "__main__":
+    main()

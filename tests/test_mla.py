@@ -1,0 +1,262 @@
+"""Absorbed MLA (the latent KV-cache layout): convert/mla.py, the llama.cpp patch set and the
+patched host library (plm_gguf/llama_lib.py).
+
+The slow tests build the patched library once per cache (minutes the first time; PLM_GGUF_CACHE
+points at the cache) and run llama.cpp in child processes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from plm_gguf import llama_lib
+from plm_gguf.checkpoint import Checkpoint
+from plm_gguf.convert import mla
+from plm_gguf.convert.verify import compare_logits
+from plm_gguf.convert.writer import convert
+from plm_gguf.errors import LlamaCppError
+from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
+from plm_gguf.llama_worker import run_worker
+from plm_gguf.reference import PLMForCausalLM
+
+# Odd sizes no code path assumes (5 heads, rope 6, nope 12 != v 20, lora 24).
+MLA_CONFIG = tiny_config(hidden_size=80, num_hidden_layers=3, num_attention_heads=5, intermediate_size=96,
+                         kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=20, vocab_size=700)
+SIZES = mla.MlaSizes.from_config(MLA_CONFIG)
+SEQUENCES = [[3, 17, 250, 9, 64, 301, 5, 88, 120, 7, 42, 199, 11, 2, 640, 33, 71, 500, 18, 260],
+             list(range(100, 157)), [5, 5]]
+
+
+# ---------------------------------------------------------------- pure functions (fast)
+
+def test_split_matches_deepseek2_converter_layout():
+    """attn_k_b is each head's k_nope rows transposed, attn_v_b each head's v rows, as
+    convert_hf_to_gguf.py's DeepseekV2 modify_tensors writes them."""
+    s = SIZES
+    kv_b = np.random.default_rng(0).standard_normal((s.n_head * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank))
+    k_b, v_b = mla.split_kv_b(kv_b, s)
+    assert k_b.shape == (s.n_head, s.kv_lora_rank, s.qk_nope_head_dim)
+    assert v_b.shape == (s.n_head, s.v_head_dim, s.kv_lora_rank)
+    # the converter's torch code, verbatim in spirit
+    t = torch.from_numpy(kv_b).view(s.n_head, s.v_head_dim + s.qk_nope_head_dim, s.kv_lora_rank)
+    tk, tv = torch.split(t, [s.qk_nope_head_dim, s.v_head_dim], dim=1)
+    np.testing.assert_array_equal(k_b, tk.transpose(1, 2).numpy())
+    np.testing.assert_array_equal(v_b, tv.numpy())
+    np.testing.assert_array_equal(mla.merge_kv_b(k_b, v_b), kv_b)
+    with pytest.raises(ValueError, match="expected"):
+        mla.split_kv_b(kv_b[:-1], s)
+
+
+def test_absorbed_attention_equals_expanded():
+    """q_nope . k_nope == (k_b q_nope) . c and attn @ v == v_b (attn @ c), per head."""
+    s = SIZES
+    rng = np.random.default_rng(1)
+    kv_b = rng.standard_normal((s.n_head * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank))
+    k_b, v_b = mla.split_kv_b(kv_b, s)
+    c = rng.standard_normal((7, s.kv_lora_rank))  # latents of 7 cached tokens
+    q_nope = rng.standard_normal((s.n_head, s.qk_nope_head_dim))
+    kv = (c @ kv_b.T).reshape(7, s.n_head, -1)
+    k_nope, v = kv[..., : s.qk_nope_head_dim], kv[..., s.qk_nope_head_dim:]
+    scores = np.einsum("hd,thd->ht", q_nope, k_nope)
+    q_abs = np.einsum("hld,hd->hl", k_b, q_nope)
+    np.testing.assert_allclose(np.einsum("hl,tl->ht", q_abs, c), scores, rtol=1e-10, atol=1e-10)
+    attn = rng.random((s.n_head, 7))
+    np.testing.assert_allclose(np.einsum("hvl,hl->hv", v_b, attn @ c), np.einsum("ht,thv->hv", attn, v),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_metadata_is_deepseek2_style():
+    meta = mla.mla_metadata(mla.MlaSizes(16, 512, 128, 64, 128))  # PLM-1.8B
+    assert meta == {"plm.attention.head_count_kv": 1, "plm.attention.key_length": 576,
+                    "plm.attention.value_length": 512, "plm.attention.key_length_mla": 192,
+                    "plm.attention.value_length_mla": 128}
+    s = mla.MlaSizes(16, 512, 128, 64, 128)
+    assert s.cache_values_per_token_layer == 576 and s.stock_values_per_token_layer == 16 * 192 + 16 * 128
+
+
+# ---------------------------------------------------------------- files
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mla")
+    ckpt = write_tiny_checkpoint(root / "PLM-mla", MLA_CONFIG, seed=11)
+    stock = convert(ckpt, root / "stock-f32.gguf", "f32").outfile
+    latent = mla.rewrite_to_latent(stock, root / "latent-f32.gguf")
+    (root / "tokens.json").write_text(json.dumps(SEQUENCES))
+    return {"ckpt": ckpt, "stock": stock, "latent": latent, "root": root}
+
+
+def test_rewrite_to_latent(files):
+    stock, latent = gguf.GGUFReader(files["stock"]), gguf.GGUFReader(files["latent"])
+    st = {t.name: t for t in stock.tensors}
+    lt = {t.name: t for t in latent.tensors}
+    assert not any(n.endswith("attn_kv_b.weight") for n in lt)
+    assert len(lt) == len(st) + MLA_CONFIG.num_hidden_layers
+    for name, t in st.items():
+        if name.endswith("attn_kv_b.weight"):
+            k_b, v_b = lt[name.replace("kv_b", "k_b")], lt[name.replace("kv_b", "v_b")]
+            assert list(k_b.shape) == [SIZES.qk_nope_head_dim, SIZES.kv_lora_rank, SIZES.n_head]  # GGUF ne
+            assert list(v_b.shape) == [SIZES.kv_lora_rank, SIZES.v_head_dim, SIZES.n_head]
+            merged = mla.merge_kv_b(np.asarray(k_b.data), np.asarray(v_b.data))
+            np.testing.assert_array_equal(merged, np.asarray(t.data))
+        else:
+            np.testing.assert_array_equal(np.asarray(lt[name].data), np.asarray(t.data))
+    fields = latent.fields
+    for key, value in mla.mla_metadata(SIZES).items():
+        assert fields[key].contents() == value
+    for key in stock.fields:  # everything else is carried over
+        if not key.startswith("GGUF.") and key not in mla.mla_metadata(SIZES):
+            assert fields[key].contents() == stock.fields[key].contents(), key
+    assert mla.is_latent(files["latent"]) and not mla.is_latent(files["stock"])
+    with pytest.raises(ValueError, match="already"):
+        mla.rewrite_to_latent(files["latent"], files["root"] / "twice.gguf")
+    assert not (files["root"] / "twice.gguf").exists() and not (files["root"] / "twice.gguf.partial").exists()
+
+
+# ---------------------------------------------------------------- the patch set and the cache (fast)
+
+def test_patch_that_does_not_apply_names_the_full_layout(tmp_path):
+    tree = tmp_path / "llama.cpp"
+    (tree / "src" / "models").mkdir(parents=True)
+    (tree / "src" / "models" / "plm.cpp").write_text("// not the llama.cpp this patch targets\n")
+    with pytest.raises(LlamaCppError) as err:
+        llama_lib.apply_patches(tree)
+    assert "does not apply" in err.value.message and "--kv-cache full" in err.value.hint
+
+
+def test_build_key_follows_the_patches(tmp_path, monkeypatch):
+    key = llama_lib.build_key()
+    assert key.startswith(f"lcp{llama_lib.LLAMA_CPP_PYTHON_VERSION}-mla-")
+    for patch in llama_lib.patch_files():
+        shutil.copy(patch, tmp_path / patch.name)
+    monkeypatch.setenv("PLM_GGUF_PATCHES", str(tmp_path))
+    assert llama_lib.build_key() == key
+    first = sorted(tmp_path.glob("*.patch"))[0]
+    first.write_text("An edited commit message.\n" + first.read_text())  # builds the same
+    assert llama_lib.build_key() == key
+    first.write_text(first.read_text().replace("// note: MLA", "// note:  MLA", 1))
+    assert llama_lib.build_key() != key
+    monkeypatch.setenv("PLM_GGUF_CACHE", str(tmp_path / "cache"))
+    assert llama_lib.entry_dir().parent == tmp_path / "cache" / "llama-lib"
+
+
+def test_kv_cache_report_is_parsed():
+    line = ("llama_kv_cache: size =  144.00 MiB (  4096 cells,  32 layers,  1/1 seqs), "
+            "K (f16):  144.00 MiB, V (f16):    0.00 MiB")
+    assert llama_lib.parse_kv_cache(line) == {"total_mib": 144.0, "k_type": "f16", "k_mib": 144.0,
+                                              "v_type": "f16", "v_mib": 0.0}
+
+
+# ---------------------------------------------------------------- llama.cpp (slow)
+
+@pytest.fixture(scope="session")
+def patched_lib() -> Path:
+    return llama_lib.build()
+
+
+def _logits(model: Path, out: Path, tokens: Path, env: dict | None) -> list[np.ndarray]:
+    out.mkdir(parents=True, exist_ok=True)
+    run_worker(["logits", str(model), "--tokens", str(tokens), "--out", str(out), "--f32-cache"], env=env)
+    return [np.load(out / f"logits_{i}.npy") for i in range(len(SEQUENCES))]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(files) -> list[np.ndarray]:
+    ref = PLMForCausalLM.from_checkpoint(Checkpoint(files["ckpt"]))
+    with torch.no_grad():
+        return [ref(torch.tensor(s)).numpy() for s in SEQUENCES]
+
+
+@pytest.mark.slow
+def test_patched_library_is_loaded(patched_lib, files):
+    env = llama_lib.lib_env(lib=patched_lib)
+    report = llama_lib.probe(files["latent"], n_ctx=64, env=env)
+    assert report["ok"], report
+    assert report["lib"] == str(patched_lib)
+    assert json.loads((patched_lib.parent / "manifest.json").read_text())["key"] == patched_lib.parent.name
+
+
+@pytest.mark.slow
+def test_latent_layout_matches_reference(patched_lib, files, reference_logits):
+    env = llama_lib.lib_env(lib=patched_lib)
+    latent = _logits(files["latent"], files["root"] / "out-latent", files["root"] / "tokens.json", env)
+    stats = compare_logits(reference_logits, latent)
+    assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
+    # greedy decoding (16 tokens after each prompt, f32 cache) gives the stock layout's tokens
+    prompts = [s[:8] for s in SEQUENCES]
+    _, greedy_latent = llama_lib.run_logits(files["latent"], prompts, files["root"] / "greedy-latent", env=env, greedy=16)
+    _, greedy_stock = llama_lib.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)
+    assert greedy_latent == greedy_stock
+    assert any(len(set(g)) > 1 for g in greedy_latent)  # not a degenerate repetition
+
+
+@pytest.mark.slow
+def test_stock_layout_unchanged_on_patched_library(patched_lib, files, reference_logits):
+    env = llama_lib.lib_env(lib=patched_lib)
+    patched = _logits(files["stock"], files["root"] / "out-stock-patched2", files["root"] / "tokens.json", env)
+    stats = compare_logits(reference_logits, patched)
+    assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
+    installed = _logits(files["stock"], files["root"] / "out-stock-installed", files["root"] / "tokens.json", None)
+    for a, b in zip(patched, installed):  # the same computation as the unpatched library
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_unpatched_llama_cpp_refuses_latent_file(files):
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    with pytest.raises(LlamaCppError, match="Failed to load model"):
+        run_worker(["logits", str(files["latent"]), "--tokens", str(files["root"] / "tokens.json"),
+                    "--out", str(files["root"]), "--f32-cache"], env=env)
+    report = llama_lib.probe(files["latent"], n_ctx=64, env=env)
+    assert not report["ok"]
+    assert mla.STOCK_REFUSAL in report["error"], report
+    assert report["kv_cache"] is None
+
+
+@pytest.mark.slow
+def test_kv_cache_holds_latent_only(patched_lib, files):
+    env = llama_lib.lib_env(lib=patched_lib)
+    n_ctx, n_layer = 256, MLA_CONFIG.num_hidden_layers
+    latent = llama_lib.probe(files["latent"], n_ctx=n_ctx, f32_cache=True, env=env)
+    stock = llama_lib.probe(files["stock"], n_ctx=n_ctx, f32_cache=True, env=env)
+    assert latent["ok"] and stock["ok"], (latent, stock)
+    mib = lambda values: n_ctx * n_layer * values * 4 / 2**20  # noqa: E731
+    s = SIZES
+    assert math.isclose(latent["kv_cache"]["k_mib"], mib(s.kv_lora_rank + s.qk_rope_head_dim), abs_tol=0.006)
+    assert latent["kv_cache"]["v_mib"] == 0.0
+    assert math.isclose(stock["kv_cache"]["total_mib"], mib(s.stock_values_per_token_layer), abs_tol=0.006)
+    print(f"KV cache at n_ctx {n_ctx}, f32: latent {latent['kv_cache']['total_mib']} MiB, "
+          f"stock {stock['kv_cache']['total_mib']} MiB")
+
+
+# Sizes where the latent K row (lora + rope = 96) and V (lora = 64) fit q8_0's 32-blocks.
+Q8_CONFIG = tiny_config(hidden_size=64, num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                        qk_rope_head_dim=32, v_head_dim=32, vocab_size=700)
+
+
+@pytest.mark.slow
+def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path):
+    """Stretch: the absorbed path runs with flash attention (K 96 / V 64 heads, where the stock
+    layout's K 64 / V 32 aborts) and with a q8_0 KV cache (which needs flash attention)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "PLM-q8", Q8_CONFIG, seed=8)
+    latent = mla.rewrite_to_latent(convert(ckpt, tmp_path / "stock.gguf", "f32").outfile, tmp_path / "latent.gguf")
+    ref = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
+    with torch.no_grad():
+        reference = [ref(torch.tensor(s)).numpy() for s in SEQUENCES]
+    env = llama_lib.lib_env(lib=patched_lib)
+    f16_fa, _ = llama_lib.run_logits(latent, SEQUENCES, tmp_path / "fa", env=env, cache_type=1, flash_attn=True)
+    assert compare_logits(reference, f16_fa).mean_kl <= 1e-5
+    q8_fa, _ = llama_lib.run_logits(latent, SEQUENCES, tmp_path / "q8", env=env, cache_type=8, flash_attn=True)
+    stats = compare_logits(reference, q8_fa)
+    assert stats.mean_kl <= 5e-3 and stats.top1 >= 0.95, stats
+    print(f"latent layout, flash attention: f16 cache mean KL {compare_logits(reference, f16_fa).mean_kl:.2e}, "
+          f"q8_0 cache mean KL {stats.mean_kl:.2e}")

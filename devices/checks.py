@@ -1,0 +1,195 @@
+"""The checks made before anything is pushed: CPU features, libc, page size, memory and disk.
+
+Each check is a pure function of the probed :class:`DeviceFacts`, the build manifest and the
+model's GGUF metadata; a refusal raises DeviceError with the numbers and what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from plm_gguf.errors import DeviceError, UsageError
+
+from .facts import SPEED_FEATURES, DeviceFacts
+
+MIB = 1024 * 1024
+UBATCH = 512  # llama.cpp's default micro-batch: sets the size of the compute buffer
+CACHE_BYTES = 2  # f16 K and V (a quantized V cache needs flash attention, which PLM cannot use)
+ARCH_ALIASES = {"aarch64": "aarch64", "arm64": "aarch64", "armv8l": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    size: int
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    ctx: int
+    weights: int
+    kv_cache: int
+    compute: int
+    headroom: int
+    available: int
+
+    @property
+    def needed(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.headroom
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.available
+
+    def describe(self) -> str:
+        return (f"weights {self.weights / MIB:.0f} MiB + KV cache {self.kv_cache / MIB:.0f} MiB at ctx {self.ctx} "
+                f"+ compute {self.compute / MIB:.0f} MiB + headroom {self.headroom / MIB:.0f} MiB "
+                f"= {self.needed / MIB:.0f} MiB vs MemAvailable {self.available / MIB:.0f} MiB")
+
+
+def read_model(path: Path) -> ModelInfo:
+    """The GGUF metadata that sizes the KV cache (read without loading tensors)."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path}", "pass the path to a .gguf file")
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as exc:  # noqa: BLE001 - gguf raises plain ValueError/struct errors
+        raise UsageError(f"{path} is not a readable GGUF file: {exc}",
+                         "convert the checkpoint with plm-gguf first") from None
+
+    def value(key: str, default=None):
+        field = reader.get_field(key)
+        if field is None:
+            if default is None:
+                raise UsageError(f"{path.name} has no {key}", "is this a PLM GGUF written by plm-gguf or llama.cpp?")
+            return default
+        return field.contents()
+
+    arch = value("general.architecture")
+    n_head = int(value(f"{arch}.attention.head_count"))
+    vocab = reader.get_field("tokenizer.ggml.tokens")
+    return ModelInfo(
+        path=path, size=path.stat().st_size, arch=arch,
+        n_layer=int(value(f"{arch}.block_count")), n_head=n_head,
+        n_head_kv=int(value(f"{arch}.attention.head_count_kv", n_head)),
+        key_length=int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
+        value_length=int(value(f"{arch}.attention.value_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
+        n_embd=int(value(f"{arch}.embedding_length")), n_ff=int(value(f"{arch}.feed_forward_length")),
+        n_vocab=int(value(f"{arch}.vocab_size", 0)) or (len(vocab.data) if vocab else 0),
+        n_ctx_train=int(value(f"{arch}.context_length", 0)),
+    )
+
+
+def kv_cache_bytes(model: ModelInfo, ctx: int) -> int:
+    """PLM caches full per-head K (n_head * key_length) and V (n_head * value_length), not the MLA latent."""
+    per_token_layer = model.n_head_kv * model.key_length + model.n_head_kv * model.value_length
+    return model.n_layer * ctx * per_token_layer * CACHE_BYTES
+
+
+def compute_bytes(model: ModelInfo, ctx: int) -> int:
+    """An estimate of llama.cpp's CPU compute buffer without flash attention (f32 activations).
+
+    The KQ score matrix [ctx, ubatch, n_head] dominates at long contexts; the rest is a few
+    activations of width n_embd / n_ff / key length per token of the micro-batch, plus logits.
+    """
+    scores = ctx * UBATCH * model.n_head * 4
+    activations = UBATCH * 4 * (4 * model.n_embd + 2 * model.n_ff + 3 * model.n_head * model.key_length)
+    logits = model.n_vocab * 4 * 2
+    return scores + activations + logits + 16 * MIB
+
+
+def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int) -> MemoryPlan:
+    return MemoryPlan(ctx, model.size, kv_cache_bytes(model, ctx), compute_bytes(model, ctx),
+                      headroom_mib * MIB, facts.mem_available)
+
+
+def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int) -> int:
+    ctx = upto
+    while ctx >= 256:
+        if plan_memory(model, ctx, facts, headroom_mib).fits:
+            return ctx
+        ctx = ctx - 256 if ctx % 256 == 0 else ctx // 256 * 256
+    return 0
+
+
+def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int) -> MemoryPlan:
+    plan = plan_memory(model, ctx, facts, headroom_mib)
+    if plan.fits:
+        return plan
+    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1)
+    hint = (f"use --ctx {smaller} (fits)" if smaller else
+            "even ctx 256 does not fit: use a smaller quantization (e.g. Q4_0) or free memory on the device")
+    raise DeviceError(f"the model does not fit in memory: {plan.describe()}", hint)
+
+
+def check_arch(manifest: dict, facts: DeviceFacts, wrapped: bool) -> None:
+    want = ARCH_ALIASES.get(manifest["arch"], manifest["arch"])
+    have = ARCH_ALIASES.get(facts.machine, facts.machine)
+    if want != have and not wrapped:
+        raise DeviceError(f"the build is for {want} but the device is {have}",
+                          "pick the device's profile, or set exec_wrapper (e.g. qemu-aarch64-static) to emulate")
+
+
+def check_features(manifest: dict, facts: DeviceFacts) -> list[str]:
+    """Refuse a build using CPU features the device lacks (SIGILL); return warnings for unused ones."""
+    uses = set(manifest.get("uses", ()))
+    missing = sorted(uses - facts.cpu.features)
+    if missing:
+        raise DeviceError(
+            f"the build for {manifest['profile']} uses CPU features this device lacks: {', '.join(missing)} "
+            f"({facts.cpu.summary}); it would die with SIGILL",
+            "deploy with the profile that matches the CPU (e.g. rpi4 or linux-aarch64 for armv8-a)",
+        )
+    if manifest.get("toolchain") == "native":
+        return []
+    unused = [f for f in SPEED_FEATURES if f in facts.cpu.features and f not in uses]
+    if unused:
+        return [f"the device has {', '.join(unused)} that the {manifest['profile']} build does not use "
+                "(slower kernels, no Q4_0 repacking with dotprod/i8mm): a profile for this CPU would be faster"]
+    return []
+
+
+def check_libc(manifest: dict, facts: DeviceFacts) -> None:
+    glibc = manifest.get("glibc")
+    if not glibc:
+        return
+    need = tuple(int(x) for x in glibc.split("."))
+    if not facts.glibc:
+        raise DeviceError(f"the build links glibc {glibc} but the device has {facts.libc}",
+                          "use the static musl build (no --glibc)")
+    if facts.glibc < need:
+        raise DeviceError(f"the build needs glibc {glibc} but the device has {facts.libc}",
+                          f"rebuild with --glibc {facts.glibc[0]}.{facts.glibc[1]}, or use the static musl build")
+
+
+def check_page_size(manifest: dict, facts: DeviceFacts) -> None:
+    limit = int(manifest.get("max_page_size") or 4096)
+    if manifest.get("toolchain") != "native" and facts.page_size > limit:
+        raise DeviceError(f"the device uses {facts.page_size}-byte pages; the build is aligned for {limit}",
+                          "rebuild (the current recipe links with max-page-size=16384)")
+
+
+def check_disk(need: int, facts: DeviceFacts, where: str) -> None:
+    if facts.disk_free >= 0 and need > facts.disk_free:
+        raise DeviceError(f"not enough disk at {where}: {need / MIB:.0f} MiB to send, "
+                          f"{facts.disk_free / MIB:.0f} MiB free",
+                          "free space on the device or change install_dir in the profile")
+
+
+def default_threads(profile_threads: int, facts: DeviceFacts) -> int:
+    """The profile's count, but never more than the big cores (big.LITTLE spill-over collapses speed)."""
+    big = facts.big_cores
+    return min(profile_threads, big) if profile_threads > 0 else big

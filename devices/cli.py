@@ -1,0 +1,148 @@
+"""`plm-gguf devices list|show|probe`, `build`, `deploy`, `undeploy`: parse, call one function, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console(highlight=False)
+MIB = 1024 * 1024
+
+DEVICE = typer.Option("host", "--device", "-d", help="Profile name (see `plm-gguf devices list`).")
+PROFILE = typer.Option(None, "--profile", help="A profile TOML file (instead of --device).")
+ADDRESS = typer.Option("", "--address", help="ssh [user@]host[:port] or adb serial, overriding the profile.")
+LLAMA_CPP = typer.Option(None, "--llama-cpp", help="llama.cpp source tree (default: the one llama-cpp-python vendors).")
+GLIBC = typer.Option("", "--glibc", help="Link against this glibc (e.g. 2.36) instead of static musl.")
+
+
+def _profile(device: str, profile_file: Optional[Path], address: str = "", exec_wrapper: Optional[str] = None):
+    from .deploy import resolve_profile
+
+    return resolve_profile(device, str(profile_file) if profile_file else None, address, exec_wrapper)
+
+
+def _progress(event: str, detail: str) -> None:
+    console.print(f"[dim]{event:>6}[/] {escape(str(detail))}")
+
+
+def cmd_list() -> None:
+    """List device profiles (shipped and your own)."""
+    from .profiles import SHIPPED_DIR, list_profiles, load_profile, user_profile_dir
+
+    table = Table("name", "transport", "target", "description")
+    for name in list_profiles():
+        p = load_profile(name)
+        target = p.target.toolchain if p.target.toolchain == "native" else f"{p.target.triple} {p.target.mcpu}"
+        mark = "" if Path(p.source).parent == SHIPPED_DIR else " (yours)"
+        table.add_row(escape(name + mark), p.transport.kind, escape(target), escape(p.description))
+    console.print(table)
+    console.print(f"[dim]add your own as {user_profile_dir()}/NAME.toml (`extends = \"rpi5\"` to start from one)[/]")
+
+
+def cmd_show(name: str = typer.Argument(..., help="Profile name or TOML file.")) -> None:
+    """Show one profile, resolved (extends applied)."""
+    from dataclasses import asdict
+
+    from .deploy import resolve_profile
+
+    p = resolve_profile(name)
+    data = asdict(p)
+    data.pop("raw")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                console.print(escape(f"{key}.{sub} = {v!r}"))
+        else:
+            console.print(escape(f"{key} = {value!r}"))
+
+
+def cmd_probe(target: str = typer.Argument("host", help="Profile name."), profile_file: Optional[Path] = PROFILE,
+              address: str = ADDRESS) -> None:
+    """Print what a device is: CPU, features, memory, disk, libc, page size, temperature."""
+    from .deploy import probe, suggest_profiles
+
+    facts = probe(_profile(target, profile_file, address))
+    rows = [
+        ("machine", facts.machine), ("model", facts.model or "-"), ("CPUs", f"{facts.cpus} ({facts.cpu.summary})"),
+        ("big cores", str(facts.big_cores)), ("features", " ".join(sorted(facts.cpu.features)) or "-"),
+        ("memory", f"{facts.mem_available / MIB:.0f} MiB available of {facts.mem_total / MIB:.0f} MiB"),
+        ("disk free", f"{facts.disk_free / MIB:.0f} MiB" if facts.disk_free >= 0 else "unknown"),
+        ("libc", facts.libc), ("page size", str(facts.page_size)),
+        ("temperature", f"{facts.temperature_c:.1f} °C" if facts.temperature_c is not None else "not exposed"),
+        ("profiles that run here", ", ".join(suggest_profiles(facts)) or "none"),
+    ]
+    for key, value in rows:
+        console.print(f"[bold]{key:>22}[/]  {escape(value)}")
+
+
+def cmd_build(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, llama_cpp: Optional[Path] = LLAMA_CPP,
+              glibc: str = GLIBC, jobs: int = typer.Option(0, "--jobs", "-j", help="Compile jobs (0: all CPUs).")
+              ) -> None:
+    """Build (or find in the cache) llama-completion, llama-bench and llama-server for a device."""
+    from .toolchain import build
+
+    b = build(_profile(device, profile_file), llama_cpp, glibc=glibc, jobs=jobs, log=lambda s: _progress("build", s))
+    console.print(f"[green]built[/] {b.key} in {b.manifest['seconds']} s  ->  {b.path / 'bin'}")
+    for name, size in sorted(b.manifest["sizes"].items()):
+        console.print(f"  {name:<18} {size / MIB:7.1f} MiB (stripped)")
+
+
+def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device: str = DEVICE,
+               profile_file: Optional[Path] = PROFILE, address: str = ADDRESS,
+               ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (default: the profile's)."),
+               threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: big cores)."),
+               bench: bool = typer.Option(False, "--bench", help="Run llama-bench after the smoke test."),
+               serve: Optional[int] = typer.Option(None, "--serve", help="Start llama-server on this port."),
+               forward_port: Optional[int] = typer.Option(None, "--forward-port",
+                                                          help="Local end of the forward (default: PORT)."),
+               llama_cpp: Optional[Path] = LLAMA_CPP, glibc: str = GLIBC,
+               exec_wrapper: Optional[str] = typer.Option(None, "--exec-wrapper", help="e.g. qemu-aarch64-static")
+               ) -> None:
+    """Check, push and smoke-test MODEL on a device; optionally bench it and serve it."""
+    from .deploy import deploy
+
+    r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
+               bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
+               progress=_progress)
+    for warning in r.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    console.print(f"[green]deployed[/] to {escape(r.device)}:{escape(r.install_dir)}  (ctx {r.ctx}, {r.threads} threads)")
+    console.print(f"  memory: {escape(r.memory.describe())}")
+    console.print(f"  sent: {escape(', '.join(r.sent)) or 'nothing (all up to date)'}")
+    for name, offset in r.resumed.items():
+        console.print(f"  resumed {escape(name)} from byte {offset} of an interrupted upload")
+    if r.skipped:
+        console.print(f"  already there: {escape(', '.join(r.skipped))}")
+    console.print(f"  smoke: {escape(repr(r.smoke_output[-200:]))}")
+    if r.bench:
+        b = r.bench
+        temps = f"{b.temp_before_c} -> {b.temp_after_c} °C" if b.temp_before_c is not None else "not exposed"
+        console.print(f"  bench: prompt {b.prompt_tps:.1f} tok/s (pp{b.n_prompt}), generation {b.gen_tps:.1f} tok/s "
+                      f"(tg{b.n_gen}), {b.threads} threads, temperature {temps}, "
+                      f"kernels: {', '.join(r.kernels) or 'armv8-a baseline (no dotprod, no Q4_0 repacking)'}")
+    if r.server:
+        console.print(f"  server: pid {r.server.pid} on device 127.0.0.1:{r.server.port}; reach it: {escape(r.server.forward)}")
+
+
+def cmd_undeploy(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, address: str = ADDRESS) -> None:
+    """Stop the server and remove everything deploy put on the device."""
+    from .deploy import undeploy
+
+    removed = undeploy(profile=_profile(device, profile_file, address))
+    console.print(f"[green]removed[/] {escape(', '.join(removed))}")
+
+
+def register(app: typer.Typer) -> None:
+    devices = typer.Typer(help="Device profiles and probing.", no_args_is_help=True)
+    devices.command("list")(cmd_list)
+    devices.command("show")(cmd_show)
+    devices.command("probe")(cmd_probe)
+    app.add_typer(devices, name="devices")
+    app.command("build")(cmd_build)
+    app.command("deploy")(cmd_deploy)
+    app.command("undeploy")(cmd_undeploy)

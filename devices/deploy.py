@@ -1,0 +1,276 @@
+"""Deploy a PLM GGUF to a device: probe, check, build, push (verified), smoke test, bench, serve.
+
+``deploy()`` is the one entry point the CLI and the README demo call; ``undeploy()`` removes
+what it put on the device (listed in a manifest it keeps there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from plm_gguf.errors import DeviceError, UsageError
+
+from . import checks, toolchain
+from .facts import DeviceFacts, parse_probe, probe_script
+from .profiles import Profile, load_profile, with_overrides
+from .runner import BenchResult, ServerInfo, run_bench, smoke_test, start_server, stop_server
+from .transports import Transport, connect, quote_path, sh
+
+MANIFEST = "plm-gguf-deploy.json"
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class DeployResult:
+    profile: str
+    device: str
+    facts: DeviceFacts
+    build_key: str
+    install_dir: str
+    model_remote: str
+    ctx: int
+    threads: int
+    memory: checks.MemoryPlan
+    sent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    resumed: dict[str, int] = field(default_factory=dict)  # file -> bytes kept from an interrupted upload
+    warnings: list[str] = field(default_factory=list)
+    smoke_output: str = ""
+    bench: BenchResult | None = None
+    server: ServerInfo | None = None
+    kernels: list[str] = field(default_factory=list)  # speed features the build compiles in (dotprod, i8mm, fp16)
+
+
+def resolve_profile(profile_name: str = "host", profile_file: str | None = None, address: str = "",
+                    exec_wrapper: str | None = None) -> Profile:
+    profile = load_profile(profile_file or profile_name)
+    return with_overrides(profile, address=address, exec_wrapper=exec_wrapper)
+
+
+def probe(profile: Profile, transport: Transport | None = None) -> DeviceFacts:
+    """Facts about the device behind the profile's transport (one round trip)."""
+    transport = transport or connect(profile)
+    result = transport.run(probe_script(quote_path(profile.install_dir)), timeout=60)  # ssh/adb failures raise here
+    return parse_probe(result.stdout)
+
+
+def suggest_profiles(facts: DeviceFacts) -> list[str]:
+    """Profiles whose builds this CPU can run, the one using most features first."""
+    from .profiles import list_profiles
+
+    fits = []
+    for name in list_profiles():
+        try:
+            p = load_profile(name)
+            manifest = target_manifest(p)
+            checks.check_arch(manifest, facts, wrapped=False)
+            checks.check_features(manifest, facts)
+        except (DeviceError, UsageError):
+            continue
+        fits.append((-len(p.target.uses), name))
+    return [name for _, name in sorted(fits)]
+
+
+def _abs_dir(install_dir: str, facts: DeviceFacts) -> str:
+    if install_dir == "~" or install_dir.startswith("~/"):
+        if not facts.home:
+            raise DeviceError("the device reports no $HOME for the ~ in install_dir", "use an absolute install_dir")
+        return facts.home.rstrip("/") + install_dir[1:]
+    return install_dir
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remote_state(transport: Transport, folder: str, names: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """sha256 of the installed files, and the sizes of partial uploads left by an interrupted deploy."""
+    quoted = " ".join(map(shlex.quote, names))
+    script = (f"cd {shlex.quote(folder)} 2>/dev/null || exit 0; for f in {quoted}; do "
+              '[ -f "$f" ] && sha256sum "$f"; [ -f ".$f.partial" ] && echo "@partial $(wc -c < ".$f.partial") $f"; '
+              "done; exit 0")
+    hashes, partials = {}, {}
+    for line in transport.run(script, timeout=600).stdout.splitlines():
+        if line.startswith("@partial "):
+            _, size, name = line.split(" ", 2)
+            partials[name] = int(size)
+        else:
+            digest, _, name = line.strip().partition(" ")
+            hashes[name.strip().lstrip("*")] = digest
+    return hashes, partials
+
+
+def _prefix_sha256(path: Path, size: int) -> str:
+    digest, left = hashlib.sha256(), size
+    with open(path, "rb") as fh:
+        while left > 0:
+            chunk = fh.read(min(1 << 20, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _resume_offset(transport: Transport, local: Path, partial: str, size: int) -> int:
+    """How much of an interrupted upload can be kept: its bytes must equal the file's first bytes."""
+    if not hasattr(transport, "append") or not 0 < size < local.stat().st_size:
+        return 0
+    there = transport.run(f"head -c {size} {sh(partial)} | sha256sum", timeout=600, check=False).stdout.split()[:1]
+    return size if there == [_prefix_sha256(local, size)] else 0
+
+
+def push_files(transport: Transport, folder: str, files: dict[str, Path], executable: set[str],
+               facts: DeviceFacts, progress: Progress) -> tuple[list[str], list[str], dict[str, int]]:
+    """Send what differs: to a temporary name (resuming an interrupted upload), sha256 checked, renamed."""
+    if facts.tools and "sha256sum" not in facts.tools:
+        raise DeviceError("the device has no sha256sum to verify uploads", "install coreutils or busybox on the device")
+    transport.run(sh("mkdir", "-p", folder), timeout=30)
+    local = {name: sha256_file(path) for name, path in files.items()}
+    there, partials = remote_state(transport, folder, list(files))
+    todo = [n for n in files if there.get(n) != local[n]]
+    checks.check_disk(sum(files[n].stat().st_size - partials.get(n, 0) for n in todo), facts, folder)
+    resumed = {}
+    for name in todo:
+        partial = f"{folder}/.{name}.partial"
+        offset = _resume_offset(transport, files[name], partial, partials.get(name, 0))
+        progress("put", name + (f" (resuming at {offset} bytes)" if offset else ""))
+        if offset:
+            transport.append(files[name], partial, offset)
+            resumed[name] = offset
+        else:
+            transport.put(files[name], partial)
+        got = transport.run(sh("sha256sum", partial), timeout=600).stdout.split()[:1]
+        if got != [local[name]]:
+            transport.run(sh("rm", "-f", partial), timeout=30, check=False)
+            raise DeviceError(f"{name} arrived corrupted on the device (sha256 mismatch)", "run the deploy again")
+        mode = "755" if name in executable else "644"
+        transport.run(f"{sh('chmod', mode, partial)} && {sh('mv', '-f', partial, f'{folder}/{name}')}", timeout=30)
+    return todo, [n for n in files if n not in todo], resumed
+
+
+def _read_manifest(transport: Transport, folder: str) -> dict:
+    out = transport.run(sh("cat", f"{folder}/{MANIFEST}") + " 2>/dev/null; exit 0", timeout=30).stdout
+    try:
+        return json.loads(out) if out.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _write_manifest(transport: Transport, folder: str, data: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MANIFEST
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+        transport.put(path, f"{folder}/.{MANIFEST}.partial")
+    transport.run(sh("mv", "-f", f"{folder}/.{MANIFEST}.partial", f"{folder}/{MANIFEST}"), timeout=30)
+
+
+def target_manifest(profile: Profile, glibc: str = "") -> dict:
+    """What a build for the profile will use, known before building (the checks read this)."""
+    import platform
+
+    target = profile.target
+    if target.toolchain == "native":
+        return {"profile": profile.name, "toolchain": "native", "arch": platform.machine(), "uses": [], "glibc": ""}
+    return {"profile": profile.name, "toolchain": target.toolchain, "arch": target.arch, "uses": list(target.uses),
+            "glibc": glibc or target.glibc, "max_page_size": toolchain.MAX_PAGE_SIZE}
+
+
+def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx: int | None,
+              glibc: str = "") -> tuple[int, checks.MemoryPlan, list[str]]:
+    """All refusals before anything is built or sent: (ctx, memory plan, warnings)."""
+    manifest = target_manifest(profile, glibc)
+    wrapped = bool(profile.exec_wrapper)
+    checks.check_arch(manifest, facts, wrapped)
+    warnings = []
+    if wrapped:
+        warnings.append(f"CPU features not checked: binaries run under {' '.join(profile.exec_wrapper)}")
+    else:
+        warnings += checks.check_features(manifest, facts)
+        checks.check_libc(manifest, facts)
+        checks.check_page_size(manifest, facts)
+    if model.arch != "plm":
+        warnings.append(f"the model's architecture is {model.arch!r}, not 'plm'")
+    if ctx is None:
+        ctx = min(profile.ctx, model.n_ctx_train) if model.n_ctx_train else profile.ctx
+    elif model.n_ctx_train and ctx > model.n_ctx_train:
+        warnings.append(f"ctx {ctx} is beyond the model's training context {model.n_ctx_train}")
+    if ctx < 64:
+        raise UsageError(f"--ctx {ctx} is too small", "use --ctx 256 or more")
+    plan = checks.check_memory(model, ctx, facts, profile.headroom_mib)
+    return ctx, plan, warnings
+
+
+def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profile | None = None,
+           address: str = "", ctx: int | None = None, threads: int | None = None, bench: bool = False,
+           serve_port: int | None = None, forward_port: int | None = None,
+           llama_cpp: str | Path | None = None, glibc: str = "",
+           bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True,
+           progress: Progress | None = None) -> DeployResult:
+    """Put llama.cpp and the model on the device and prove they run there."""
+    progress = progress or (lambda event, detail: None)
+    profile = profile or resolve_profile(profile_name, address=address)
+    model = checks.read_model(Path(model_path).expanduser())
+    transport = connect(profile)
+    progress("probe", transport.describe())
+    facts = probe(profile, transport)
+    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc)
+    n_threads = threads or checks.default_threads(profile.threads, facts)
+    progress("build", profile.name)
+    built = toolchain.build(profile, llama_cpp, glibc=glibc, log=lambda line: progress("build", line))
+    folder = _abs_dir(profile.install_dir, facts)
+    files = {**built.binaries, model.path.name: model.path}
+    sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress)
+    manifest = _read_manifest(transport, folder)
+    manifest["files"] = sorted(set(manifest.get("files", [])) | set(files))
+    manifest.update(build=built.key, profile=profile.name, model=model.path.name)
+    _write_manifest(transport, folder, manifest)
+    result = DeployResult(profile.name, transport.describe(), facts, built.key, folder, f"{folder}/{model.path.name}",
+                          ctx, n_threads, plan, sent, skipped, resumed, warnings)
+    result.kernels = [f for f in ("i8mm", "asimddp", "fphp") if f in built.manifest.get("uses", ())]
+    if built.manifest.get("toolchain") == "native":
+        result.kernels = ["native"]
+    if smoke:
+        progress("smoke", "llama-completion")
+        result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads)
+    if bench:
+        progress("bench", f"llama-bench -p {bench_prompt} -n {bench_gen} -t {n_threads}")
+        result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen)
+    if serve_port:
+        progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
+        result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,
+                                     forward_port)
+        manifest.update(forward_port=forward_port or serve_port)
+        _write_manifest(transport, folder, manifest)
+    return result
+
+
+def undeploy(profile_name: str = "host", *, profile: Profile | None = None, address: str = "") -> list[str]:
+    """Stop the server and remove every file deploy put in the install dir; the dir too if empty."""
+    profile = profile or resolve_profile(profile_name, address=address)
+    transport = connect(profile)
+    facts = probe(profile, transport)
+    folder = _abs_dir(profile.install_dir, facts)
+    manifest = _read_manifest(transport, folder)
+    if not manifest:
+        raise DeviceError(f"nothing deployed by plm-gguf in {folder} on {transport.describe()}",
+                          "check --device/--address")
+    stop_server(transport, folder, manifest.get("forward_port"))
+    names = list(manifest.get("files", [])) + ["server.log", "server.pid", MANIFEST]
+    partials = [f".{n}.partial" for n in names]
+    paths = [f"{folder}/{n}" for n in names + partials if "/" not in n]
+    transport.run(sh("rm", "-f", *paths) + "; " + sh("rmdir", folder) + " 2>/dev/null; exit 0", timeout=60)
+    return list(manifest.get("files", []))
+
+
+__all__ = ["DeployResult", "deploy", "undeploy", "probe", "preflight", "resolve_profile"]

@@ -1,0 +1,130 @@
+"""Running the installed llama.cpp binaries on the device: smoke test, llama-bench, llama-server.
+
+Every invocation turns flash attention off: PLM's K head (192) and V head (128) differ and
+llama.cpp's flash-attention path aborts on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from plm_gguf.errors import DeviceError
+
+from .facts import parse_temperature_output, temperature_script
+from .profiles import Profile
+from .transports import AdbTransport, SshTransport, Transport, exec_argv, sh
+
+SMOKE_PROMPT = "The capital of France is"
+SIGNALS = {132: "SIGILL (illegal instruction: the build uses CPU features the device lacks)",
+           134: "SIGABRT (llama.cpp aborted)", 137: "SIGKILL (out of memory?)", 139: "SIGSEGV"}
+
+
+@dataclass
+class BenchResult:
+    prompt_tps: float
+    gen_tps: float
+    threads: int
+    n_prompt: int
+    n_gen: int
+    temp_before_c: float | None
+    temp_after_c: float | None
+    raw: list
+
+
+@dataclass
+class ServerInfo:
+    port: int
+    pid: int
+    url: str
+    forward: str  # what was set up, or the command the user runs to reach the server
+
+
+def _fail(what: str, result, profile: Profile) -> DeviceError:
+    code = 128 - result.returncode if result.returncode < 0 else result.returncode  # -4 (local) == 132 (shell)
+    why = SIGNALS.get(code, f"exit {code}")
+    tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
+    hint = ("pick the profile that matches the device's CPU" if code == 132 else
+            "lower --ctx or use a smaller model" if code == 137 else
+            "the last lines were: " + " | ".join(tail)[:400])
+    return DeviceError(f"{what} failed on {profile.name}: {why}", hint)
+
+
+def smoke_test(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
+               n_predict: int = 8) -> str:
+    """A short greedy generation; returns the text printed (prompt and continuation)."""
+    cmd = exec_argv(profile, f"{folder}/llama-completion", "-m", model, "-p", SMOKE_PROMPT, "-n", str(n_predict),
+                    "-c", str(ctx), "-t", str(threads), "-fa", "off", "-no-cnv", "--temp", "0", "-s", "1")
+    result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=600, check=False)
+    if not result.ok:
+        raise _fail("the smoke generation", result, profile)
+    return result.stdout.strip()
+
+
+def read_temperature(transport: Transport) -> float | None:
+    return parse_temperature_output(transport.run(temperature_script(), timeout=30, check=False).stdout)
+
+
+def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
+    """(prompt tok/s, generation tok/s, threads, n_prompt, n_gen, records) from `llama-bench -o json`."""
+    start = text.find("[")
+    try:
+        records = json.loads(text[start:]) if start >= 0 else []
+    except json.JSONDecodeError:
+        records = []
+    if not records:
+        raise DeviceError("llama-bench printed no JSON results", "run it by hand on the device to see why")
+    prompt = next((r for r in records if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), {})
+    gen = next((r for r in records if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0), {})
+    threads = int((prompt or gen).get("n_threads", 0))
+    return (float(prompt.get("avg_ts", 0.0)), float(gen.get("avg_ts", 0.0)), threads,
+            int(prompt.get("n_prompt", 0)), int(gen.get("n_gen", 0)), records)
+
+
+def run_bench(transport: Transport, profile: Profile, folder: str, model: str, threads: int,
+              n_prompt: int = 64, n_gen: int = 16, reps: int = 2) -> BenchResult:
+    before = read_temperature(transport)
+    cmd = exec_argv(profile, f"{folder}/llama-bench", "-m", model, "-t", str(threads), "-p", str(n_prompt),
+                    "-n", str(n_gen), "-r", str(reps), "-fa", "0", "-o", "json")
+    result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=1800, check=False)
+    if not result.ok:
+        raise _fail("llama-bench", result, profile)
+    after = read_temperature(transport)
+    prompt_tps, gen_tps, used, np_, ng, records = parse_bench_json(result.stdout)
+    return BenchResult(prompt_tps, gen_tps, used or threads, np_, ng, before, after, records)
+
+
+def start_server(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
+                 port: int, forward_port: int | None = None) -> ServerInfo:
+    """llama-server bound to 127.0.0.1 under nohup; then the forward that makes it reachable here."""
+    stop_server(transport, folder)  # a server this tool started before; the forward is rebound below
+    cmd = exec_argv(profile, f"{folder}/llama-server", "-m", model, "--host", "127.0.0.1", "--port", str(port),
+                    "-c", str(ctx), "-t", str(threads), "-fa", "off")
+    # `cd || exit` on its own: `cd && nohup ... &` would background a subshell holding the session open.
+    pidfile = sh(f"{folder}/server.pid")
+    script = (f"cd {sh(folder)} || exit 1; nohup {cmd} > server.log 2>&1 < /dev/null & echo $! > {pidfile};"
+              f" sleep 2; kill -0 $(cat {pidfile}) && cat {pidfile}")
+    result = transport.run(script, timeout=60, check=False)
+    if not result.ok or not result.stdout.strip().isdigit():
+        log = transport.run(sh("tail", "-n", "5", f"{folder}/server.log"), timeout=30, check=False).stdout
+        raise DeviceError(f"llama-server did not stay up on {profile.name}",
+                          "its log ends: " + " | ".join(log.splitlines())[:400])
+    pid = int(result.stdout.strip())
+    local = forward_port or port
+    if isinstance(transport, AdbTransport):
+        transport.forward(local, port)
+        forward = f"adb forward tcp:{local} tcp:{port} (set up): http://127.0.0.1:{local}"
+    elif isinstance(transport, SshTransport):
+        forward = transport.forward_hint(local, port)
+    else:
+        forward = "none needed (local)"
+    return ServerInfo(port, pid, f"http://127.0.0.1:{port}", forward)
+
+
+def stop_server(transport: Transport, folder: str, port: int | None = None) -> None:
+    """Stop the llama-server this tool started (by the pid it recorded), and its adb forward."""
+    pidfile = sh(f"{folder}/server.pid")
+    transport.run(f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; exit 0",
+                  timeout=30, check=False)
+    if port and isinstance(transport, AdbTransport):
+        transport.remove_forward(port)  # port: the local end of the forward

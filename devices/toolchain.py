@@ -1,0 +1,301 @@
+"""Build llama.cpp's device binaries for a profile: zig cross builds, the Android NDK, or the host.
+
+Builds are cached under ``cache_dir()/builds/KEY`` where KEY names the llama.cpp source, the
+target and a hash of everything that went into the build. A file lock serialises builds of one
+key; a build is assembled in a staging folder and renamed into place only when complete, so a
+failed or interrupted build leaves no half entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+from filelock import FileLock
+
+from plm_gguf.errors import DeviceError, UsageError
+
+from .profiles import Profile, TargetSpec
+
+# llama-cli in this llama.cpp is an interactive chat client built on the server; the
+# non-interactive generator is llama-completion.
+BINARIES = ("llama-completion", "llama-bench", "llama-server")
+MAX_PAGE_SIZE = 16384  # Pi 5 kernels and new Android phones use 16 KiB pages
+BUILD_VERSION = 1  # bump when the recipe below changes
+
+COMMON_CMAKE = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
+    "-DGGML_OPENMP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+]
+
+
+def cache_dir() -> Path:
+    """The user cache (PLM_GGUF_CACHE overrides)."""
+    override = os.environ.get("PLM_GGUF_CACHE")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("plm-gguf"))
+
+
+@dataclass(frozen=True)
+class Build:
+    key: str
+    path: Path  # the cache entry: bin/ and manifest.json
+    manifest: dict
+
+    @property
+    def binaries(self) -> dict[str, Path]:
+        return {name: self.path / "bin" / name for name in self.manifest["binaries"]}
+
+
+def _llama_cpp_python_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for req in importlib.metadata.requires("plm-gguf") or ():  # the version plm-gguf pins
+        match = re.match(r"llama[-_]cpp[-_]python\s*==\s*([\w.]+)", req)
+        if match:
+            return match.group(1)
+    raise UsageError("no llama-cpp-python version to take llama.cpp from", "pass --llama-cpp PATH")
+
+
+def _fingerprint(src: Path) -> str:
+    digest = hashlib.sha256()
+    for rel in ("CMakeLists.txt", "src/llama-model.cpp", "ggml/src/ggml.c", "ggml/CMakeLists.txt"):
+        file = src / rel
+        digest.update(file.read_bytes() if file.is_file() else b"-")
+    return digest.hexdigest()[:12]
+
+
+def resolve_source(path: str | Path | None = None) -> tuple[Path, str]:
+    """The llama.cpp source tree and a label for it (fetched into the cache when not given)."""
+    if path:
+        src = Path(path).expanduser().resolve()
+        if not (src / "CMakeLists.txt").is_file() or not (src / "ggml").is_dir():
+            raise UsageError(f"{src} is not a llama.cpp source tree", "point at the folder with CMakeLists.txt and ggml/")
+        return src, f"src-{_fingerprint(src)}"
+    version = _llama_cpp_python_version()
+    root = cache_dir() / "src" / f"llama-cpp-python-{version}"
+    src = root / "vendor" / "llama.cpp"
+    if src.is_dir():
+        return src, f"lcp{version}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not src.is_dir():
+            _fetch_sdist(version, root)
+    return src, f"lcp{version}"
+
+
+def _fetch_sdist(version: str, root: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+               "-d", tmp, f"llama-cpp-python=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            raise DeviceError(f"could not download the llama-cpp-python {version} sdist",
+                              "check network access to PyPI, or pass --llama-cpp PATH")
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        unpacked = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        os.replace(unpacked, root)
+
+
+def _tool(module: str, attr: str, exe: str) -> str:
+    try:
+        mod = __import__(module)
+        candidate = Path(getattr(mod, attr)) / exe
+        if candidate.is_file():
+            return str(candidate)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which(exe)
+    if not found:
+        raise DeviceError(f"{exe} not found", "install the devices extra of plm-gguf (pip install cmake ninja), or the system's package")
+    return found
+
+
+def _zig() -> str:
+    try:
+        import ziglang
+    except ImportError:
+        raise DeviceError("zig is not installed", "install the devices extra of plm-gguf (pip install ziglang==0.17.0)") from None
+    return str(Path(ziglang.__file__).parent / "zig")
+
+
+def _write_zig_wrappers(folder: Path, target: TargetSpec) -> None:
+    """cc/c++/ar/ranlib wrappers: zig reads -march as a CPU name, so drop ggml's -march/-mcpu and name ours."""
+    triple = target.triple + (f".{target.glibc}" if target.glibc and "gnu" in target.triple else "")
+    zig = _zig()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, mode in (("zcc", "cc"), ("zcxx", "c++")):
+        (folder / name).write_text(
+            "#!/bin/sh\n"
+            'n=$#; i=0\n'
+            'while [ "$i" -lt "$n" ]; do a=$1; shift; i=$((i+1));\n'
+            '  case "$a" in -march=*|-mcpu=*) ;; *) set -- "$@" "$a" ;; esac\n'
+            "done\n"
+            f'exec "{zig}" {mode} -target {triple} -mcpu={target.mcpu or "generic"} "$@"\n'
+        )
+    for name, verb in (("zar", "ar"), ("zranlib", "ranlib")):
+        (folder / name).write_text(f'#!/bin/sh\nexec "{zig}" {verb} "$@"\n')
+    for script in folder.iterdir():
+        script.chmod(0o755)
+
+
+def _host_id() -> str:
+    """Native builds use -march=native: key them by the CPU they were made on."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    except OSError:
+        pass
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:8]
+
+
+def _configure_args(profile: Profile, staging: Path, write: bool = True) -> tuple[list[str], dict[str, str], str]:
+    """CMake arguments, extra environment and a slug naming the target (write=False: no files, for keys)."""
+    target = profile.target
+    if target.toolchain == "native":
+        return ["-DGGML_NATIVE=ON"], {}, f"host-{platform.machine()}-{_host_id()}"
+    link = f"-Wl,-z,max-page-size={MAX_PAGE_SIZE}"
+    if target.toolchain == "ndk":
+        ndk = os.environ.get("ANDROID_NDK_HOME", "")
+        if not ndk or not Path(ndk, "build/cmake/android.toolchain.cmake").is_file():
+            raise DeviceError("toolchain 'ndk' needs ANDROID_NDK_HOME", "set ANDROID_NDK_HOME to an unpacked Android NDK")
+        args = [f"-DCMAKE_TOOLCHAIN_FILE={ndk}/build/cmake/android.toolchain.cmake",
+                "-DANDROID_ABI=arm64-v8a", "-DANDROID_PLATFORM=android-28", "-DBUILD_SHARED_LIBS=ON",
+                "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_LLAMAFILE=OFF",
+                "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+                f"-DCMAKE_SHARED_LINKER_FLAGS={link} -s", f"-DCMAKE_EXE_LINKER_FLAGS={link} -s"]
+        return args, {}, "android-ndk-arm64"
+    wrappers = staging / "zig"
+    if write:
+        _write_zig_wrappers(wrappers, target)
+    static = "-static " if target.libc == "musl" else ""
+    args = [f"-DCMAKE_C_COMPILER={wrappers / 'zcc'}", f"-DCMAKE_CXX_COMPILER={wrappers / 'zcxx'}",
+            "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={target.arch}",
+            f"-DCMAKE_EXE_LINKER_FLAGS={static}-s {link}",
+            f"-DCMAKE_AR={wrappers / 'zar'}", f"-DCMAKE_RANLIB={wrappers / 'zranlib'}"]
+    env = {"ZIG_GLOBAL_CACHE_DIR": str(cache_dir() / "zig"), "ZIG_LOCAL_CACHE_DIR": str(staging / "zig-cache")}
+    slug = f"{target.triple}{'.' + target.glibc if target.glibc else ''}-{target.mcpu.replace('+', '_')}"
+    return args, env, slug
+
+
+def build_key(profile: Profile, source: Path, label: str, glibc: str = "") -> str:
+    """source version + target slug + a hash of the whole recipe (paths of temporary wrappers left out)."""
+    target = _with_glibc(profile.target, glibc)
+    args, _, slug = _configure_args(_replace_target(profile, target), Path("/nonexistent"), write=False)
+    recipe = json.dumps([BUILD_VERSION, COMMON_CMAKE, target.toolchain, target.triple, target.glibc,
+                         target.mcpu, [a for a in args if "/zig/" not in a], BINARIES])
+    return f"{label}-{slug}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+
+
+def _with_glibc(target: TargetSpec, glibc: str) -> TargetSpec:
+    from dataclasses import replace
+
+    if not glibc:
+        return target
+    return replace(target, triple=target.triple.replace("musl", "gnu"), glibc=glibc)
+
+
+def _replace_target(profile: Profile, target: TargetSpec) -> Profile:
+    from dataclasses import replace
+
+    return replace(profile, target=target)
+
+
+def find_build(profile: Profile, source: str | Path | None = None, glibc: str = "") -> Build | None:
+    src, label = resolve_source(source)
+    entry = cache_dir() / "builds" / build_key(profile, src, label, glibc)
+    manifest = entry / "manifest.json"
+    return Build(entry.name, entry, json.loads(manifest.read_text())) if manifest.is_file() else None
+
+
+def build(profile: Profile, source: str | Path | None = None, *, glibc: str = "", jobs: int = 0,
+          log=None) -> Build:
+    """The cached build for the profile, building it first when absent."""
+    src, label = resolve_source(source)
+    profile = _replace_target(profile, _with_glibc(profile.target, glibc))
+    key = build_key(profile, src, label)
+    builds = cache_dir() / "builds"
+    builds.mkdir(parents=True, exist_ok=True)
+    entry = builds / key
+    with FileLock(str(entry) + ".lock"):
+        if (entry / "manifest.json").is_file():
+            return Build(key, entry, json.loads((entry / "manifest.json").read_text()))
+        for stale in builds.glob(f"{key}.partial-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=builds))
+        try:
+            manifest = _run_build(profile, src, label, staging, jobs, log)
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            shutil.rmtree(staging / "cmake", ignore_errors=True)
+            shutil.rmtree(staging / "zig-cache", ignore_errors=True)
+            os.replace(staging, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Build(key, entry, manifest)
+
+
+def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int, log) -> dict:
+    cmake, ninja = _tool("cmake", "CMAKE_BIN_DIR", "cmake"), _tool("ninja", "BIN_DIR", "ninja")
+    args, extra_env, slug = _configure_args(profile, staging)
+    env = {**os.environ, **extra_env}
+    build_dir = staging / "cmake"
+    log_path = cache_dir() / "logs" / f"{staging.name.split('.partial-')[0]}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    configure = [cmake, "-S", str(src), "-B", str(build_dir), "-G", "Ninja",
+                 f"-DCMAKE_MAKE_PROGRAM={ninja}", *COMMON_CMAKE, *args]
+    compile_ = [cmake, "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *BINARIES]
+    with log_path.open("w") as out:
+        for step in (configure, compile_):
+            if log:
+                log(" ".join(step[:1] + step[1:4]) + " ...")
+            out.write("$ " + " ".join(step) + "\n")
+            out.flush()
+            proc = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env)
+            if proc.returncode != 0:
+                raise DeviceError(f"building llama.cpp for {profile.name} failed "
+                                  f"({Path(step[0]).name} exit {proc.returncode})",
+                                  f"see the build log {log_path}")
+    (staging / "bin").mkdir()
+    sizes = {}
+    for name in BINARIES:
+        built = build_dir / "bin" / name
+        if not built.is_file():
+            raise DeviceError(f"the build produced no {name}", f"see the build log {log_path}")
+        shutil.copy2(built, staging / "bin" / name)
+        if profile.target.toolchain == "native" and shutil.which("strip"):
+            subprocess.run(["strip", str(staging / "bin" / name)], check=True)
+        sizes[name] = (staging / "bin" / name).stat().st_size
+    if profile.target.toolchain == "ndk":  # shared libraries next to the binaries (RPATH $ORIGIN)
+        for lib in (build_dir / "bin").glob("*.so"):
+            shutil.copy2(lib, staging / "bin" / lib.name)
+            sizes[lib.name] = lib.stat().st_size
+    return {
+        "key": staging.name.split(".partial-")[0], "source": str(src), "source_label": label,
+        "profile": profile.name, "toolchain": profile.target.toolchain,
+        "triple": profile.target.triple or platform.machine(),
+        "arch": profile.target.arch or platform.machine(), "libc": profile.target.libc, "glibc": profile.target.glibc,
+        "mcpu": profile.target.mcpu, "uses": list(profile.target.uses), "max_page_size": MAX_PAGE_SIZE,
+        "binaries": sorted(sizes), "sizes": sizes, "seconds": round(time.monotonic() - started, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

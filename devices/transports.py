@@ -1,0 +1,265 @@
+"""Transports: how commands and files reach a device. Three verbs each: run, put, get.
+
+``run`` takes a POSIX shell script (build it with :func:`sh`, which quotes every argument) and
+runs it on the device with a timeout. ``put`` and ``get`` copy one file. Everything above this
+module (probe, deploy, bench) is written once against :class:`Transport`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from plm_gguf.errors import DeviceError, UsageError
+
+from .profiles import Profile, TransportSpec
+
+DEFAULT_TIMEOUT = 120.0
+GENERIC_HINT = "check that the device is reachable: `plm-gguf devices probe DEVICE` runs one command there"
+MIN_RATE = 256 * 1024  # bytes/s a file copy may not fall below before it times out
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class Transport(Protocol):
+    """run, put, get. Transports that can also `append(local, remote, offset)` get resumable uploads."""
+
+    name: str
+
+    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result: ...
+
+    def put(self, local: Path, remote: str) -> None: ...
+
+    def get(self, remote: str, local: Path) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def sh(*argv: str | os.PathLike) -> str:
+    """One shell command with every argument quoted: paths with spaces or quotes stay data."""
+    return shlex.join(str(a) for a in argv)
+
+
+def _copy_timeout(size: int) -> float:
+    return DEFAULT_TIMEOUT + size / MIN_RATE
+
+
+def _exec(argv: list[str], what: str, timeout: float, check: bool, stdin=None, input_text=None) -> Result:
+    try:
+        if stdin is None and input_text is None:
+            stdin = subprocess.DEVNULL  # never let a device command read our terminal
+        proc = subprocess.run(argv, stdin=stdin, input=input_text, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeviceError(f"{what} timed out after {timeout:.0f} s", "is the device reachable and responsive?") from None
+    except FileNotFoundError:
+        raise DeviceError(f"{argv[0]} is not installed", f"install it to reach this device ({what})") from None
+    result = Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+    if check and not result.ok:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise DeviceError(f"{what} failed (exit {result.returncode}): {last[0][:300]}", _hint_for(result.stderr))
+    return result
+
+
+def _hint_for(stderr: str) -> str:
+    if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
+        return ("the host key is unknown or changed: check its fingerprint, then add it to known_hosts "
+                "(ssh-keyscan, or one interactive ssh), or set transport.known_hosts in the profile")
+    if "Permission denied" in stderr and "publickey" in stderr:
+        return "the key was refused: ssh-copy-id, or set transport.identity_file"
+    if any(s in stderr for s in ("no devices/emulators found", "device offline", "device unauthorized")) or (
+            "not found" in stderr and "device" in stderr):
+        return "is the phone connected with USB debugging on? check `adb devices`"
+    if "Illegal instruction" in stderr or "SIGILL" in stderr:
+        return "the binary uses CPU features the device lacks: pick a profile for an older CPU"
+    if "cannot connect to daemon" in stderr:
+        return "the adb server is not reachable: run `adb start-server` (or check ADB_SERVER_SOCKET)"
+    return GENERIC_HINT
+
+
+class LocalTransport:
+    """This machine, through /bin/sh."""
+
+    name = "local"
+
+    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
+        return _exec(["/bin/sh", "-c", script], f"local command {_first_line(script)!r}", timeout, check)
+
+    def put(self, local: Path, remote: str) -> None:
+        target = Path(os.path.expanduser(remote))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, target)
+
+    def get(self, remote: str, local: Path) -> None:
+        shutil.copyfile(os.path.expanduser(remote), local)
+
+    def append(self, local: Path, remote: str, offset: int) -> None:
+        with open(local, "rb") as src, open(os.path.expanduser(remote), "ab") as dst:
+            src.seek(offset)
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    def describe(self) -> str:
+        return "local"
+
+
+class SshTransport:
+    """The OpenSSH client: ~/.ssh/config, keys, agents and ProxyJump apply as for a plain `ssh`.
+
+    Host keys are always checked (StrictHostKeyChecking=yes); an unknown host is refused,
+    never added silently.
+    """
+
+    name = "ssh"
+
+    def __init__(self, spec: TransportSpec) -> None:
+        if not spec.host:
+            raise UsageError("this ssh profile names no host", "pass --address user@host:port or set transport.host in the profile")
+        self.spec = spec
+
+    def _base(self) -> list[str]:
+        s = self.spec
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=15",
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        if s.ssh_config:
+            argv += ["-F", os.path.expanduser(s.ssh_config)]
+        if s.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(s.known_hosts)}"]
+        if s.identity_file:
+            argv += ["-i", os.path.expanduser(s.identity_file), "-o", "IdentitiesOnly=yes"]
+        if s.port:
+            argv += ["-p", str(s.port)]
+        for option in s.options:
+            argv += ["-o", option]
+        return argv
+
+    @property
+    def destination(self) -> str:
+        return f"{self.spec.user}@{self.spec.host}" if self.spec.user else self.spec.host
+
+    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
+        # `--` ends ssh's options; the script travels as one argument for the remote shell.
+        argv = self._base() + ["-T", "--", self.destination, script]
+        result = _exec(argv, f"ssh {self.destination}", timeout, check=False)
+        if check and result.returncode == 255:  # ssh's own failure: connection, auth, host key
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            hint = _hint_for(result.stderr)
+            if hint == GENERIC_HINT:
+                port = f"-p {self.spec.port} " if self.spec.port else ""
+                hint = f"check the address (--address user@host:port) and that `ssh {port}{self.destination}` works"
+            raise DeviceError(f"ssh to {self.destination} failed: {last[:300]}", hint)
+        if check and not result.ok:
+            last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+            raise DeviceError(f"{_first_line(script)!r} on {self.destination} failed (exit {result.returncode}): "
+                              f"{last[0][:300]}",
+                              _hint_for(result.stderr))
+        return result
+
+    def put(self, local: Path, remote: str) -> None:
+        with open(local, "rb") as fh:
+            _exec(self._base() + ["-T", "--", self.destination, "cat > " + _remote_path(remote)],
+                  f"copy of {local.name} to {self.destination}", _copy_timeout(local.stat().st_size), True, stdin=fh)
+
+    def append(self, local: Path, remote: str, offset: int) -> None:
+        """Send the file from byte `offset` onto the end of `remote` (resuming an interrupted upload)."""
+        with open(local, "rb") as fh:
+            fh.seek(offset)
+            _exec(self._base() + ["-T", "--", self.destination, "cat >> " + _remote_path(remote)],
+                  f"copy of {local.name} to {self.destination}", _copy_timeout(local.stat().st_size - offset), True,
+                  stdin=fh)
+
+    def get(self, remote: str, local: Path) -> None:
+        with open(local, "wb") as fh:
+            proc = subprocess.run(self._base() + ["-T", "--", self.destination, "cat " + _remote_path(remote)],
+                                  stdout=fh, stderr=subprocess.PIPE, timeout=DEFAULT_TIMEOUT * 10)
+        if proc.returncode != 0:
+            raise DeviceError(f"copy of {remote} from {self.destination} failed", proc.stderr.decode()[-200:])
+
+    def forward_hint(self, local: int, port: int) -> str:
+        """The command that makes the device's 127.0.0.1:port reachable here as 127.0.0.1:local."""
+        return sh(*self._base(), "-N", "-L", f"{local}:127.0.0.1:{port}", self.destination)
+
+    def describe(self) -> str:
+        return f"ssh {self.destination}" + (f" port {self.spec.port}" if self.spec.port else "")
+
+
+class AdbTransport:
+    """The adb client; `-s SERIAL` when the profile or --address names one."""
+
+    name = "adb"
+
+    def __init__(self, spec: TransportSpec) -> None:
+        self.spec = spec
+
+    def _base(self) -> list[str]:
+        return ["adb"] + (["-s", self.spec.serial] if self.spec.serial else [])
+
+    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
+        # adb joins its arguments with spaces for the device shell: hand it one quoted-by-us script.
+        return _exec(self._base() + ["shell", script], f"{self.describe()} shell {_first_line(script)!r}", timeout, check)
+
+    def put(self, local: Path, remote: str) -> None:
+        _exec(self._base() + ["push", str(local), remote], f"adb push {local.name}",
+              _copy_timeout(local.stat().st_size), True)
+
+    def get(self, remote: str, local: Path) -> None:
+        _exec(self._base() + ["pull", remote, str(local)], f"adb pull {remote}", DEFAULT_TIMEOUT * 10, True)
+
+    def forward(self, local_port: int, remote_port: int) -> None:
+        _exec(self._base() + ["forward", f"tcp:{local_port}", f"tcp:{remote_port}"], "adb forward", 30, True)
+
+    def remove_forward(self, local_port: int) -> None:
+        _exec(self._base() + ["forward", "--remove", f"tcp:{local_port}"], "adb forward --remove", 30, False)
+
+    def describe(self) -> str:
+        return "adb" + (f" -s {self.spec.serial}" if self.spec.serial else "")
+
+
+def _first_line(script: str, width: int = 50) -> str:
+    lines = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("s() {")]
+    first = lines[0] if lines else ""
+    return first if len(first) <= width else first[: width - 3] + "..."
+
+
+def _remote_path(path: str) -> str:
+    """A quoted path for the remote shell; a leading ~/ stays expandable."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def quote_path(path: str) -> str:
+    return _remote_path(path)
+
+
+def connect(profile: Profile) -> Transport:
+    kind = profile.transport.kind
+    if kind == "local":
+        return LocalTransport()
+    if kind == "ssh":
+        return SshTransport(profile.transport)
+    if kind == "adb":
+        return AdbTransport(profile.transport)
+    raise UsageError(f"unknown transport {kind!r}", "use ssh, adb or local")
+
+
+def exec_argv(profile: Profile, binary: str, *args: str | os.PathLike) -> str:
+    """A quoted command that runs an installed binary, behind the profile's exec_wrapper if any."""
+    return " ".join([*(shlex.quote(w) for w in profile.exec_wrapper), quote_path(binary),
+                     *(shlex.quote(str(a)) for a in args)])
+
+
+def run_args(values: Sequence[str]) -> str:
+    return " ".join(shlex.quote(v) for v in values)

@@ -1,0 +1,98 @@
+"""The refusals before a deploy: CPU features (no SIGILL), memory fit (with PLM's full K/V cache), libc, pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plm_gguf.devices import checks
+from plm_gguf.devices.deploy import preflight, suggest_profiles, target_manifest
+from plm_gguf.devices.profiles import load_profile
+from plm_gguf.errors import DeviceError
+
+from .recorded import recorded_facts
+
+MIB = 2**20
+# PLM-1.8B as published (Q4_K_M file size), sized from its GGUF metadata.
+PLM_1_8B_Q4KM = checks.ModelInfo(path=Path("plm-1.8b-q4_k_m.gguf"), size=1_182_708_992, arch="plm", n_layer=32,
+                                 n_head=16, n_head_kv=16, key_length=192, value_length=128, n_embd=2048, n_ff=8192,
+                                 n_vocab=151936, n_ctx_train=4096)
+
+
+def test_kv_cache_is_full_per_head_k_and_v():
+    # 32 layers x 4096 tokens x (16*192 K + 16*128 V) x 2 bytes = 768 MiB + 512 MiB, as measured.
+    assert checks.kv_cache_bytes(PLM_1_8B_Q4KM, 4096) == 1280 * MIB
+
+
+def test_memory_refusal_names_the_numbers_and_a_context_that_fits():
+    pi4 = recorded_facts("rpi4")  # 3.2 GiB available
+    with pytest.raises(DeviceError) as err:
+        checks.check_memory(PLM_1_8B_Q4KM, 4096, pi4, headroom_mib=1024)
+    message, hint = err.value.message, err.value.hint
+    assert "does not fit" in message and "KV cache 1280 MiB at ctx 4096" in message
+    assert "MemAvailable 3327 MiB" in message
+    suggested = int(hint.split("--ctx ")[1].split()[0])
+    assert 256 <= suggested < 4096
+    assert checks.plan_memory(PLM_1_8B_Q4KM, suggested, pi4, 1024).fits
+    assert not checks.plan_memory(PLM_1_8B_Q4KM, suggested + 256, pi4, 1024).fits
+
+
+def test_memory_refusal_when_nothing_fits_says_so():
+    with pytest.raises(DeviceError, match="does not fit") as err:
+        checks.check_memory(PLM_1_8B_Q4KM, 2048, recorded_facts("rpi4"), headroom_mib=3000)
+    assert "smaller quantization" in err.value.hint
+
+
+def test_memory_fit_on_pi5_8gb():
+    plan = checks.check_memory(PLM_1_8B_Q4KM, 4096, recorded_facts("rpi5"), headroom_mib=384)
+    assert plan.fits and plan.kv_cache == 1280 * MIB
+
+
+def test_cpu_feature_refusal_rpi5_build_on_pi4():
+    with pytest.raises(DeviceError) as err:
+        checks.check_features(target_manifest(load_profile("rpi5")), recorded_facts("rpi4"))
+    assert "asimddp" in err.value.message and "SIGILL" in err.value.message
+    assert "4x Cortex-A72" in err.value.message
+
+
+def test_cpu_feature_refusal_i8mm_build_on_pi5():
+    with pytest.raises(DeviceError, match="i8mm"):
+        checks.check_features(target_manifest(load_profile("android-i8mm")), recorded_facts("rpi5"))
+
+
+def test_warning_when_build_misses_features_the_cpu_has():
+    warnings = checks.check_features(target_manifest(load_profile("rpi4")), recorded_facts("rpi5"))
+    assert warnings and "asimddp" in warnings[0]
+    assert checks.check_features(target_manifest(load_profile("rpi5")), recorded_facts("rpi5")) == []
+    phone_warn = checks.check_features(target_manifest(load_profile("android")), recorded_facts("sd8gen2"))
+    assert "i8mm" in phone_warn[0]
+
+
+def test_preflight_refuses_before_anything_is_built():
+    with pytest.raises(DeviceError, match="SIGILL"):
+        preflight(load_profile("rpi5"), recorded_facts("rpi4"), PLM_1_8B_Q4KM, 512)
+    ctx, plan, warnings = preflight(load_profile("android-i8mm"), recorded_facts("sd8gen2"), PLM_1_8B_Q4KM, None)
+    assert ctx == 4096 and plan.fits and warnings == []
+
+
+def test_threads_default_to_big_cores():
+    assert checks.default_threads(4, recorded_facts("sd8gen2")) == 4
+    assert checks.default_threads(0, recorded_facts("sd8gen2")) == 5
+    assert checks.default_threads(8, recorded_facts("sd8gen2")) == 5
+
+
+def test_libc_and_page_size_checks():
+    pi5 = recorded_facts("rpi5")
+    checks.check_libc({"glibc": "2.36"}, pi5)
+    with pytest.raises(DeviceError, match="glibc 2.38"):
+        checks.check_libc({"glibc": "2.38"}, pi5)
+    with pytest.raises(DeviceError, match="16384-byte pages"):
+        checks.check_page_size({"max_page_size": 4096, "toolchain": "zig"}, pi5)
+    checks.check_page_size(target_manifest(load_profile("rpi5")), pi5)
+
+
+def test_suggested_profiles_follow_the_cpu():
+    assert suggest_profiles(recorded_facts("rpi4"))[-3:] == sorted(["linux-aarch64", "rpi-zero2w", "rpi4"])
+    assert suggest_profiles(recorded_facts("sd8gen2"))[0] == "android-i8mm"
+    assert "android-i8mm" not in suggest_profiles(recorded_facts("rpi5"))

@@ -1,0 +1,63 @@
+"""The `host` profile (local transport), as the README demo runs it, and refusals through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from plm_gguf.devices import toolchain
+from plm_gguf.devices.deploy import deploy, undeploy
+
+from .conftest import run_cli, write_profile
+
+
+@pytest.mark.slow
+def test_readme_demo_deploys_to_host_with_a_short_bench(host_build, tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("PLM_GGUF_CACHE", str(toolchain.cache_dir()))  # keep the build cache when HOME moves
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = deploy(tiny_gguf, profile_name="host", bench=True, bench_prompt=16, bench_gen=4)
+    assert result.install_dir == f"{tmp_path}/.local/share/plm-gguf/device"
+    assert result.bench.gen_tps > 0 and result.smoke_output
+    assert result.memory.fits and result.ctx == 512  # the model's training context caps the profile's 2048
+    assert undeploy("host")
+
+
+def test_cli_memory_refusal_before_building(profile_dir, tiny_gguf, tmp_path):
+    write_profile(profile_dir, "tiny-ram", f'extends = "host"\ninstall_dir = "{tmp_path}/d"\nheadroom_mib = 100000000\n')
+    out = run_cli("deploy", tiny_gguf, "--device", "tiny-ram", env={"PLM_GGUF_PROFILES": str(profile_dir),
+                                                                  "PLM_GGUF_CACHE": str(tmp_path / "empty-cache")})
+    assert out.returncode == 7, out.stderr
+    assert "does not fit in memory" in out.stderr and "MemAvailable" in out.stderr and "hint:" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "empty-cache" / "builds").exists()  # refused before building
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_cli_refuses_a_foreign_architecture_build(profile_dir, tiny_gguf, tmp_path):
+    write_profile(profile_dir, "arm-here", f'extends = "linux-aarch64"\ninstall_dir = "{tmp_path}/d"\n'
+                  '[transport]\nkind = "local"\n')
+    out = run_cli("deploy", tiny_gguf, "--device", "arm-here", env={"PLM_GGUF_PROFILES": str(profile_dir)})
+    assert out.returncode == 7 and "the build is for aarch64 but the device is x86_64" in out.stderr
+    assert "exec_wrapper" in out.stderr
+
+
+def test_cli_usage_errors_are_clean(tmp_path):
+    out = run_cli("deploy", tmp_path / "missing.gguf", "--device", "host")
+    assert out.returncode == 2 and "model file not found" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("devices", "show", "no-such-device")
+    assert out.returncode == 2 and "unknown device profile" in out.stderr
+
+
+def test_cli_devices_list_show_probe():
+    listing = run_cli("devices", "list")
+    for name in ("rpi-zero2w", "rpi4", "rpi5", "android", "android-i8mm", "linux-aarch64", "host"):
+        assert name in listing.stdout
+    show = run_cli("devices", "show", "rpi5")
+    assert "cortex_a76" in show.stdout and "asimddp" in show.stdout
+    probe = run_cli("devices", "probe", "host")
+    assert probe.returncode == 0 and "MiB available" in probe.stdout and "page size" in probe.stdout
+
+
+@pytest.mark.slow
+def test_cli_build_reuses_the_cache(host_build):
+    out = run_cli("build", "--device", "host")
+    assert out.returncode == 0 and host_build.key in out.stdout and "llama-server" in out.stdout

@@ -33,6 +33,7 @@ class ModelInfo:
     n_ff: int
     n_vocab: int
     n_ctx_train: int
+    latent: bool = False  # absorbed-MLA layout: a K-only cache of latent + rope key
 
 
 @dataclass(frozen=True)
@@ -60,27 +61,26 @@ class MemoryPlan:
 
 def read_model(path: Path) -> ModelInfo:
     """The GGUF metadata that sizes the KV cache (read without loading tensors)."""
-    from gguf import GGUFReader
+    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
 
     if not path.is_file():
         raise UsageError(f"model file not found: {path}", "pass the path to a .gguf file")
     try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:  # noqa: BLE001 - gguf raises plain ValueError/struct errors
-        raise UsageError(f"{path} is not a readable GGUF file: {exc}",
-                         "convert the checkpoint with plm-gguf first") from None
+        info = read_gguf_info(path)
+    except (GGUFFormatError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable GGUF file: {exc}", "convert the checkpoint with plm-gguf first") from None
 
     def value(key: str, default=None):
-        field = reader.get_field(key)
-        if field is None:
+        found = info.get(key)
+        if found is None:
             if default is None:
                 raise UsageError(f"{path.name} has no {key}", "is this a PLM GGUF written by plm-gguf or llama.cpp?")
             return default
-        return field.contents()
+        return found
 
     arch = value("general.architecture")
     n_head = int(value(f"{arch}.attention.head_count"))
-    vocab = reader.get_field("tokenizer.ggml.tokens")
+    vocab = info.get("tokenizer.ggml.tokens")  # the array's length
     return ModelInfo(
         path=path, size=path.stat().st_size, arch=arch,
         n_layer=int(value(f"{arch}.block_count")), n_head=n_head,
@@ -88,13 +88,17 @@ def read_model(path: Path) -> ModelInfo:
         key_length=int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
         value_length=int(value(f"{arch}.attention.value_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
         n_embd=int(value(f"{arch}.embedding_length")), n_ff=int(value(f"{arch}.feed_forward_length")),
-        n_vocab=int(value(f"{arch}.vocab_size", 0)) or (len(vocab.data) if vocab else 0),
+        n_vocab=int(value(f"{arch}.vocab_size", 0)) or (vocab or 0),
         n_ctx_train=int(value(f"{arch}.context_length", 0)),
+        latent=info.get(f"{arch}.attention.key_length_mla") is not None,
     )
 
 
 def kv_cache_bytes(model: ModelInfo, ctx: int) -> int:
-    """PLM caches full per-head K (n_head * key_length) and V (n_head * value_length), not the MLA latent."""
+    """Stock PLM caches full per-head K (n_head * key_length) and V (n_head * value_length), not the
+    MLA latent; a latent-layout file (patched llama.cpp) caches K only: the latent + rope key."""
+    if model.latent:
+        return model.n_layer * ctx * model.n_head_kv * model.key_length * CACHE_BYTES
     per_token_layer = model.n_head_kv * model.key_length + model.n_head_kv * model.value_length
     return model.n_layer * ctx * per_token_layer * CACHE_BYTES
 

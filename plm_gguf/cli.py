@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from plm_gguf.errors import PlmGgufError
 
@@ -46,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="plm-gguf")  # standalone: typer formats usage errors itself
     except PlmGgufError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[dim]hint:[/] {exc.hint}", soft_wrap=True)
+            err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()

@@ -38,3 +38,14 @@ def test_bad_layout_name(tmp_path, odd_checkpoint):
     result = run_cli("convert", odd_checkpoint, "--outfile", tmp_path / "x.gguf", "--kv-cache", "compressed")
     assert result.code == 2 and "--kv-cache 'compressed' is not a layout" in result.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_device_memory_check_counts_the_latent_cache(tmp_path, odd_checkpoint):
+    from plm_gguf.devices.checks import kv_cache_bytes as device_kv, read_model
+
+    stock = convert(odd_checkpoint, tmp_path / "stock.gguf", "f32").outfile
+    latent = convert(odd_checkpoint, tmp_path / "latent.gguf", "f32", kv_cache="latent").outfile
+    c = ODD_CONFIG
+    assert device_kv(read_model(stock), 1024) == kv_cache_bytes(c, 1024)
+    assert device_kv(read_model(latent), 1024) == kv_cache_bytes(c, 1024, latent=True)
+    assert read_model(latent).latent and not read_model(stock).latent

@@ -18,6 +18,13 @@ import numpy as np
 import pytest
 
 DATA = Path(__file__).parents[1] / "data" / "devices"
+
+
+def _missing(why: str) -> None:
+    """Skip where a Debian package is absent, but fail in CI, which installs them (./run setup)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}: CI must install it")
+    pytest.skip(why)
 TINY = dict(n_embd=64, n_layer=2, n_head=4, qk_nope=16, qk_rope=8, v_dim=16, kv_lora=32, n_ff=128, ctx=512)
 
 
@@ -128,7 +135,7 @@ def host_build():
 def aarch64_build():
     """The static aarch64-musl build (rpi5 recipe): one zig cross build per cache, shared by qemu and adb tests."""
     if not shutil.which("qemu-aarch64-static"):
-        pytest.skip("qemu-user-static is not installed")
+        _missing("qemu-user-static is not installed")
     from plm_gguf.devices import profiles, toolchain
 
     return toolchain.build(profiles.load_profile("rpi5"), _llama_cpp_source())
@@ -145,7 +152,7 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900) -> subprocess.
 def sshd(tmp_path_factory):
     """An OpenSSH server on 127.0.0.1 with a temporary host key and authorized key."""
     if not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"):
-        pytest.skip("openssh-server / openssh-client are not installed")
+        _missing("openssh-server / openssh-client are not installed")
     from .sshd import start_sshd, stop_sshd
 
     server = start_sshd(tmp_path_factory.mktemp("sshd"))

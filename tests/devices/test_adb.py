@@ -16,7 +16,7 @@ from plm_gguf.devices.transports import connect, sh
 from plm_gguf.errors import DeviceError
 
 from .adb_standin import AdbStandIn
-from .conftest import write_profile
+from .conftest import _missing, write_profile
 from .sshd import _free_port
 
 pytestmark = [pytest.mark.adb]
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.adb]
 @pytest.fixture()
 def phone(tmp_path, monkeypatch):
     if not shutil.which("adb"):
-        pytest.skip("the adb client is not installed")
+        _missing("the adb client is not installed")
     with AdbStandIn(tmp_path / "phone") as server:
         for key, value in server.env_for_client.items():
             monkeypatch.setenv(key, value)

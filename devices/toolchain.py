@@ -16,16 +16,14 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 from filelock import FileLock
 
+from plm_gguf.cache import cache_dir, llama_cpp_source
 from plm_gguf.errors import DeviceError, UsageError
 
 from .profiles import Profile, TargetSpec
@@ -42,12 +40,6 @@ COMMON_CMAKE = [
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
 ]
-
-
-def cache_dir() -> Path:
-    """The user cache (PLM_GGUF_CACHE overrides)."""
-    override = os.environ.get("PLM_GGUF_CACHE")
-    return Path(override) if override else Path(platformdirs.user_cache_dir("plm-gguf"))
 
 
 @dataclass(frozen=True)
@@ -89,30 +81,7 @@ def resolve_source(path: str | Path | None = None) -> tuple[Path, str]:
             raise UsageError(f"{src} is not a llama.cpp source tree", "point at the folder with CMakeLists.txt and ggml/")
         return src, f"src-{_fingerprint(src)}"
     version = _llama_cpp_python_version()
-    root = cache_dir() / "src" / f"llama-cpp-python-{version}"
-    src = root / "vendor" / "llama.cpp"
-    if src.is_dir():
-        return src, f"lcp{version}"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if not src.is_dir():
-            _fetch_sdist(version, root)
-    return src, f"lcp{version}"
-
-
-def _fetch_sdist(version: str, root: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-               "-d", tmp, f"llama-cpp-python=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise DeviceError(f"could not download the llama-cpp-python {version} sdist",
-                              "check network access to PyPI, or pass --llama-cpp PATH")
-        with tarfile.open(sdists[0]) as tar:
-            tar.extractall(tmp, filter="data")
-        unpacked = next(p for p in Path(tmp).iterdir() if p.is_dir())
-        os.replace(unpacked, root)
+    return llama_cpp_source(version), f"lcp{version}"
 
 
 def _tool(module: str, attr: str, exe: str) -> str:

@@ -32,11 +32,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from plm_gguf.cache import cache_dir, llama_cpp_source
 from plm_gguf.errors import LlamaCppError
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version plm-gguf pins; its vendor/llama.cpp is patched
@@ -63,16 +63,6 @@ FULL_CACHE_HINT = "use --kv-cache full (the stock layout, which the installed ll
 
 
 # ---------------------------------------------------------------- locations
-
-def cache_dir() -> Path:
-    """The user cache (PLM_GGUF_CACHE overrides)."""
-    override = os.environ.get("PLM_GGUF_CACHE")
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("plm-gguf"))
-
 
 def patches_dir() -> Path:
     """patches/llama.cpp of the source tree, or plm_gguf/patches/llama.cpp where an installed
@@ -126,35 +116,7 @@ def _lock(path: Path):
 def source_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     """The pristine vendor/llama.cpp of llama-cpp-python VERSION's sdist, fetched with pip into
     CACHE/src (the same place plm_gguf.devices keeps it). Never modified: builds copy it."""
-    root = cache_dir() / "src" / f"llama-cpp-python-{version}"
-    src = root / "vendor" / "llama.cpp"
-    if src.is_dir():
-        return src
-    with _lock(root):
-        if not src.is_dir():
-            _fetch_sdist(version, root)
-    return src
-
-
-def _fetch_sdist(version: str, root: Path) -> None:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        # --no-binary names the package only: with :all: pip also builds the sdist's build
-        # dependencies from source just to read its metadata (minutes, measured here)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-               "-d", tmp, f"llama-cpp-python=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise LlamaCppError(f"could not download the llama-cpp-python {version} sdist: {tail[0]}",
-                                f"check access to PyPI, or {FULL_CACHE_HINT}")
-        with tarfile.open(sdists[0]) as tar:
-            tar.extractall(tmp, filter="data")
-        unpacked = next(p for p in Path(tmp).iterdir() if p.is_dir())
-        if not (unpacked / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-            raise LlamaCppError(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp", FULL_CACHE_HINT)
-        os.replace(unpacked, root)
+    return llama_cpp_source(version)
 
 
 def apply_patches(tree: Path, patches: list[Path] | None = None, *, check_only: bool = False) -> None:

@@ -196,13 +196,6 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
 
 
 def _read_file_type(path: Path) -> int:
-    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
+    from plm_gguf.ggufinfo import read_plm_gguf
 
-    try:
-        info = read_gguf_info(path)
-    except (GGUFFormatError, OSError) as exc:
-        raise UsageError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf written by plm-gguf convert") from exc
-    if info.arch != "plm":
-        raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch or 'missing'})",
-                         "verify compares PLM checkpoints with PLM GGUF files")
-    return int(info.get("general.file_type", gguf.LlamaFileType.GUESSED))
+    return int(read_plm_gguf(path).get("general.file_type", gguf.LlamaFileType.GUESSED))

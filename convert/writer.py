@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
-from plm_gguf.checkpoint import Checkpoint, resolve_model
+from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
 from plm_gguf.errors import CheckpointError, OutputError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
@@ -303,11 +303,7 @@ class _KvBPart:
         return split_kv_b(self.ref.raw(), self.sizes)[self.index]
 
     def row_chunks(self, max_bytes: int):
-        rows = self.raw()
-        rows = rows.reshape(-1, rows.shape[-1])
-        step = max(1, max_bytes // max(1, rows[0].nbytes))
-        for start in range(0, rows.shape[0], step):
-            yield rows[start : start + step]
+        return row_blocks(self.raw(), max_bytes)
 
     def release(self, upto: int | None = None) -> None:
         if self.index == 1 and upto is None:

@@ -67,17 +67,20 @@ class TensorRef:
         return bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32, copy=False)
 
     def row_chunks(self, max_bytes: int) -> Iterator[np.ndarray]:
-        """The stored tensor as consecutive blocks of whole rows (views, no copies)."""
-        raw = self.raw()
-        rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
-        step = max(1, max_bytes // max(1, rows[0].nbytes))
-        for start in range(0, rows.shape[0], step):
-            yield rows[start : start + step]
+        return row_blocks(self.raw(), max_bytes)
 
     def release(self, upto: int | None = None) -> None:
         """Drop this tensor's pages (its first `upto` bytes, or all) from the process's resident
         memory; they stay in the page cache."""
         self._release(upto)
+
+
+def row_blocks(array: np.ndarray, max_bytes: int) -> Iterator[np.ndarray]:
+    """An array as consecutive blocks of whole rows of about max_bytes (views, no copies)."""
+    rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(1, -1)
+    step = max(1, max_bytes // max(1, rows[0].nbytes))
+    for start in range(0, rows.shape[0], step):
+        yield rows[start : start + step]
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:

@@ -144,3 +144,17 @@ def _parse(path: Path, buf: mmap.mmap, wanted: set[str]) -> GGUFInfo:
         n_bytes = int(np.prod(shape, dtype=np.int64)) // block * size
         tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, n_bytes)
     return GGUFInfo(path, fields, tensors)
+
+
+def read_plm_gguf(path: Path | str, arrays: tuple[str, ...] = ()) -> GGUFInfo:
+    """read_gguf_info for a file that must be a PLM GGUF: anything else is a UsageError."""
+    from plm_gguf.errors import UsageError
+
+    try:
+        info = read_gguf_info(path, arrays)
+    except (GGUFFormatError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf written by plm-gguf convert") from exc
+    if info.arch != "plm":
+        raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch or 'missing'})",
+                         "plm-gguf works with PLM models only")
+    return info

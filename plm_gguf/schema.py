@@ -142,15 +142,9 @@ class PLMConfig:
 
 def config_from_gguf(path: Path) -> PLMConfig:
     """The PLMConfig a PLM GGUF file describes (its plm.* metadata)."""
-    from plm_gguf.errors import UsageError
-    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
+    from plm_gguf.ggufinfo import read_plm_gguf
 
-    try:
-        info = read_gguf_info(path)
-    except (GGUFFormatError, OSError) as exc:
-        raise UsageError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf file") from exc
-    if info.arch != "plm":
-        raise UsageError(f"{path} is not a PLM GGUF (architecture {info.arch!r})", "plm-gguf works with PLM models only")
+    info = read_plm_gguf(path)
     f = info.fields
     rope = f["plm.rope.dimension_count"]
     latent = "plm.attention.key_length_mla" in f  # absorbed MLA: per-head sizes in the *_mla keys

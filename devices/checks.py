@@ -6,7 +6,7 @@ model's GGUF metadata; a refusal raises DeviceError with the numbers and what to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plm_gguf.errors import DeviceError, UsageError
@@ -34,6 +34,16 @@ class ModelInfo:
     n_vocab: int
     n_ctx_train: int
     latent: bool = False  # absorbed-MLA layout: a K-only cache of latent + rope key
+    kv_lora_rank: int = 0  # MLA's latent width (0: not an MLA model)
+    rope_dim: int = 0
+
+    def as_latent(self) -> ModelInfo | None:
+        """This stock-layout MLA model as `convert --kv-cache latent` would write it (for its KV
+        cache size); None for a latent file or a model without MLA metadata."""
+        if self.latent or not self.kv_lora_rank or not self.rope_dim:
+            return None
+        return replace(self, latent=True, n_head_kv=1, key_length=self.kv_lora_rank + self.rope_dim,
+                       value_length=self.kv_lora_rank)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ def read_model(path: Path) -> ModelInfo:
         n_vocab=int(value(f"{arch}.vocab_size", 0)) or (vocab or 0),
         n_ctx_train=int(value(f"{arch}.context_length", 0)),
         latent=info.get(f"{arch}.attention.key_length_mla") is not None,
+        kv_lora_rank=int(value(f"{arch}.attention.kv_lora_rank", 0)), rope_dim=int(value(f"{arch}.rope.dimension_count", 0)),
     )
 
 
@@ -129,13 +140,30 @@ def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int,
     return 0
 
 
-def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int) -> MemoryPlan:
+def check_layout(model: ModelInfo, mla_patch: bool) -> None:
+    """A latent-layout file needs the patched llama.cpp: stock llama.cpp refuses its tensor shapes."""
+    if model.latent and not mla_patch:
+        raise DeviceError(f"{model.path.name} has the latent KV-cache layout (--kv-cache latent), "
+                          "which stock llama.cpp cannot load",
+                          "deploy without --no-mla-patch, or convert with --kv-cache full")
+
+
+def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
+                 latent_runs: bool = True) -> MemoryPlan:
+    """Refuse a plan that does not fit; the hint names the largest ctx that does and, for a stock
+    file, what the latent layout would need (latent_runs: the build runs latent files)."""
     plan = plan_memory(model, ctx, facts, headroom_mib)
     if plan.fits:
         return plan
     smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1)
     hint = (f"use --ctx {smaller} (fits)" if smaller else
             "even ctx 256 does not fit: use a smaller quantization (e.g. Q4_0) or free memory on the device")
+    latent = model.as_latent() if latent_runs else None
+    if latent is not None:
+        alt = plan_memory(latent, ctx, facts, headroom_mib)
+        if alt.fits:
+            hint = (f"convert with --kv-cache latent: its KV cache at ctx {ctx} is {alt.kv_cache / MIB:.0f} MiB "
+                    f"instead of {plan.kv_cache / MIB:.0f} MiB, and it fits; or {hint}")
     raise DeviceError(f"the model does not fit in memory: {plan.describe()}", hint)
 
 

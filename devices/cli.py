@@ -15,9 +15,12 @@ MIB = 1024 * 1024
 
 DEVICE = typer.Option("host", "--device", "-d", help="Profile name (see `plm-gguf devices list`).")
 PROFILE = typer.Option(None, "--profile", help="A profile TOML file (instead of --device).")
-ADDRESS = typer.Option("", "--address", help="ssh [user@]host[:port] or adb serial, overriding the profile.")
+ADDRESS = typer.Option("", "--address", help="ssh \\[user@]host\\[:port] or adb serial, overriding the profile.")
 LLAMA_CPP = typer.Option(None, "--llama-cpp", help="llama.cpp source tree (default: the one llama-cpp-python vendors).")
 GLIBC = typer.Option("", "--glibc", help="Link against this glibc (e.g. 2.36) instead of static musl.")
+MLA_PATCH = typer.Option(True, "--mla-patch/--no-mla-patch",
+                         help="Apply plm-gguf's llama.cpp patches (absorbed MLA: runs --kv-cache latent files; "
+                              "stock-layout files run as before). --no-mla-patch builds stock llama.cpp.")
 
 
 def _profile(device: str, profile_file: Optional[Path], address: str = "", exec_wrapper: Optional[str] = None):
@@ -81,13 +84,16 @@ def cmd_probe(target: str = typer.Argument("host", help="Profile name."), profil
 
 
 def cmd_build(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, llama_cpp: Optional[Path] = LLAMA_CPP,
-              glibc: str = GLIBC, jobs: int = typer.Option(0, "--jobs", "-j", help="Compile jobs (0: all CPUs).")
-              ) -> None:
+              glibc: str = GLIBC, jobs: int = typer.Option(0, "--jobs", "-j", help="Compile jobs (0: all CPUs)."),
+              mla_patch: bool = MLA_PATCH) -> None:
     """Build (or find in the cache) llama-completion, llama-bench and llama-server for a device."""
     from .toolchain import build
 
-    b = build(_profile(device, profile_file), llama_cpp, glibc=glibc, jobs=jobs, log=lambda s: _progress("build", s))
+    b = build(_profile(device, profile_file), llama_cpp, glibc=glibc, jobs=jobs, mla_patch=mla_patch,
+              log=lambda s: _progress("build", s))
     console.print(f"[green]built[/] {b.key} in {b.manifest['seconds']} s  ->  {b.path / 'bin'}")
+    patches = b.manifest.get("patches") or {}
+    console.print(f"  patches: {escape(', '.join(patches)) if patches else 'none (stock llama.cpp: --kv-cache full files only)'}")
     for name, size in sorted(b.manifest["sizes"].items()):
         console.print(f"  {name:<18} {size / MIB:7.1f} MiB (stripped)")
 
@@ -100,7 +106,7 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
                serve: Optional[int] = typer.Option(None, "--serve", help="Start llama-server on this port."),
                forward_port: Optional[int] = typer.Option(None, "--forward-port",
                                                           help="Local end of the forward (default: PORT)."),
-               llama_cpp: Optional[Path] = LLAMA_CPP, glibc: str = GLIBC,
+               llama_cpp: Optional[Path] = LLAMA_CPP, glibc: str = GLIBC, mla_patch: bool = MLA_PATCH,
                exec_wrapper: Optional[str] = typer.Option(None, "--exec-wrapper", help="e.g. qemu-aarch64-static")
                ) -> None:
     """Check, push and smoke-test MODEL on a device; optionally bench it and serve it."""
@@ -108,10 +114,12 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
 
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
                bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
-               progress=_progress)
+               mla_patch=mla_patch, progress=_progress)
     for warning in r.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"[green]deployed[/] to {escape(r.device)}:{escape(r.install_dir)}  (ctx {r.ctx}, {r.threads} threads)")
+    console.print(f"  llama.cpp: {escape(r.build_key)}"
+                  + (" (with the absorbed-MLA patch: runs --kv-cache latent files)" if "-mla-" in r.build_key else ""))
     console.print(f"  memory: {escape(r.memory.describe())}")
     console.print(f"  sent: {escape(', '.join(r.sent)) or 'nothing (all up to date)'}")
     for name, offset in r.resumed.items():

@@ -187,8 +187,9 @@ def target_manifest(profile: Profile, glibc: str = "") -> dict:
 
 
 def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx: int | None,
-              glibc: str = "") -> tuple[int, checks.MemoryPlan, list[str]]:
+              glibc: str = "", mla_patch: bool = True) -> tuple[int, checks.MemoryPlan, list[str]]:
     """All refusals before anything is built or sent: (ctx, memory plan, warnings)."""
+    checks.check_layout(model, mla_patch)
     manifest = target_manifest(profile, glibc)
     wrapped = bool(profile.exec_wrapper)
     checks.check_arch(manifest, facts, wrapped)
@@ -207,7 +208,7 @@ def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx
         warnings.append(f"ctx {ctx} is beyond the model's training context {model.n_ctx_train}")
     if ctx < 64:
         raise UsageError(f"--ctx {ctx} is too small", "use --ctx 256 or more")
-    plan = checks.check_memory(model, ctx, facts, profile.headroom_mib)
+    plan = checks.check_memory(model, ctx, facts, profile.headroom_mib, latent_runs=mla_patch)
     return ctx, plan, warnings
 
 
@@ -215,19 +216,21 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
            address: str = "", ctx: int | None = None, threads: int | None = None, bench: bool = False,
            serve_port: int | None = None, forward_port: int | None = None,
            llama_cpp: str | Path | None = None, glibc: str = "",
-           bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True,
+           bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True, mla_patch: bool = True,
            progress: Progress | None = None) -> DeployResult:
-    """Put llama.cpp and the model on the device and prove they run there."""
+    """Put llama.cpp (with plm-gguf's patches unless mla_patch=False) and the model on the
+    device and prove they run there."""
     progress = progress or (lambda event, detail: None)
     profile = profile or resolve_profile(profile_name, address=address)
     model = checks.read_model(Path(model_path).expanduser())
     transport = connect(profile)
     progress("probe", transport.describe())
     facts = probe(profile, transport)
-    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc)
+    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch)
     n_threads = threads or checks.default_threads(profile.threads, facts)
     progress("build", profile.name)
-    built = toolchain.build(profile, llama_cpp, glibc=glibc, log=lambda line: progress("build", line))
+    built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch,
+                            log=lambda line: progress("build", line))
     folder = _abs_dir(profile.install_dir, facts)
     files = {**built.binaries, model.path.name: model.path}
     sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress)

@@ -1,5 +1,10 @@
 """Build llama.cpp's device binaries for a profile: zig cross builds, the Android NDK, or the host.
 
+Every build applies plm-gguf's llama.cpp patch set (patches/llama.cpp, the absorbed-MLA `plm`
+graph that runs `--kv-cache latent` files; stock-layout files run as before) to a copy of the
+source, unless asked for stock llama.cpp (`mla_patch=False`). A patch that does not apply is an
+error naming it, with the stock build as the way out; nothing is built from a half-patched tree.
+
 Builds are cached under ``cache_dir()/builds/KEY`` where KEY names the llama.cpp source, the
 target and a hash of everything that went into the build. A file lock serialises builds of one
 key; a build is assembled in a staging folder and renamed into place only when complete, so a
@@ -23,8 +28,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from plm_gguf import llama_lib
 from plm_gguf.cache import cache_dir, llama_cpp_source
-from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.errors import DeviceError, LlamaCppError, UsageError
 
 from .profiles import Profile, TargetSpec
 
@@ -33,6 +39,8 @@ from .profiles import Profile, TargetSpec
 BINARIES = ("llama-completion", "llama-bench", "llama-server")
 MAX_PAGE_SIZE = 16384  # Pi 5 kernels and new Android phones use 16 KiB pages
 BUILD_VERSION = 1  # bump when the recipe below changes
+STOCK_HINT = ("build stock llama.cpp with --no-mla-patch; it runs files converted with --kv-cache full "
+              "(the default), not --kv-cache latent ones")
 
 COMMON_CMAKE = [
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
@@ -167,13 +175,36 @@ def _configure_args(profile: Profile, staging: Path, write: bool = True) -> tupl
     return args, env, slug
 
 
-def build_key(profile: Profile, source: Path, label: str, glibc: str = "") -> str:
-    """source version + target slug + a hash of the whole recipe (paths of temporary wrappers left out)."""
+def build_key(profile: Profile, source: Path, label: str, glibc: str = "", mla_patch: bool = True) -> str:
+    """source version (+ "-mla" when patched) + target slug + a hash of the whole recipe, the
+    patches included (paths of temporary wrappers left out)."""
     target = _with_glibc(profile.target, glibc)
     args, _, slug = _configure_args(_replace_target(profile, target), Path("/nonexistent"), write=False)
     recipe = json.dumps([BUILD_VERSION, COMMON_CMAKE, target.toolchain, target.triple, target.glibc,
                          target.mcpu, [a for a in args if "/zig/" not in a], BINARIES])
-    return f"{label}-{slug}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256(recipe.encode())
+    if mla_patch:
+        _patch_files()
+        llama_lib.hash_patches(digest)
+    return f"{label}{'-mla' if mla_patch else ''}-{slug}-{digest.hexdigest()[:8]}"
+
+
+def _patch_files() -> list[Path]:
+    try:
+        return llama_lib.patch_files()
+    except LlamaCppError as err:
+        raise DeviceError(err.message, STOCK_HINT) from None
+
+
+def _patched_tree(src: Path, staging: Path, label: str) -> Path:
+    """A copy of the source with the patch set applied (the source itself is never modified)."""
+    tree = staging / "llama.cpp"
+    shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "build"))
+    try:
+        llama_lib.apply_patches(tree, _patch_files())
+    except LlamaCppError as err:
+        raise DeviceError(err.message.replace(str(tree), f"llama.cpp {label}"), STOCK_HINT) from None
+    return tree
 
 
 def _with_glibc(target: TargetSpec, glibc: str) -> TargetSpec:
@@ -190,19 +221,20 @@ def _replace_target(profile: Profile, target: TargetSpec) -> Profile:
     return replace(profile, target=target)
 
 
-def find_build(profile: Profile, source: str | Path | None = None, glibc: str = "") -> Build | None:
+def find_build(profile: Profile, source: str | Path | None = None, glibc: str = "",
+               mla_patch: bool = True) -> Build | None:
     src, label = resolve_source(source)
-    entry = cache_dir() / "builds" / build_key(profile, src, label, glibc)
+    entry = cache_dir() / "builds" / build_key(profile, src, label, glibc, mla_patch)
     manifest = entry / "manifest.json"
     return Build(entry.name, entry, json.loads(manifest.read_text())) if manifest.is_file() else None
 
 
 def build(profile: Profile, source: str | Path | None = None, *, glibc: str = "", jobs: int = 0,
-          log=None) -> Build:
-    """The cached build for the profile, building it first when absent."""
+          log=None, mla_patch: bool = True) -> Build:
+    """The cached build for the profile (patched unless mla_patch=False), building it first when absent."""
     src, label = resolve_source(source)
     profile = _replace_target(profile, _with_glibc(profile.target, glibc))
-    key = build_key(profile, src, label)
+    key = build_key(profile, src, label, mla_patch=mla_patch)
     builds = cache_dir() / "builds"
     builds.mkdir(parents=True, exist_ok=True)
     entry = builds / key
@@ -213,9 +245,10 @@ def build(profile: Profile, source: str | Path | None = None, *, glibc: str = ""
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=builds))
         try:
-            manifest = _run_build(profile, src, label, staging, jobs, log)
+            manifest = _run_build(profile, src, label, staging, jobs, log, mla_patch)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
             shutil.rmtree(staging / "cmake", ignore_errors=True)
+            shutil.rmtree(staging / "llama.cpp", ignore_errors=True)
             shutil.rmtree(staging / "zig-cache", ignore_errors=True)
             os.replace(staging, entry)
         finally:
@@ -223,15 +256,17 @@ def build(profile: Profile, source: str | Path | None = None, *, glibc: str = ""
         return Build(key, entry, manifest)
 
 
-def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int, log) -> dict:
+def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int, log, mla_patch: bool) -> dict:
     cmake, ninja = _tool("cmake", "CMAKE_BIN_DIR", "cmake"), _tool("ninja", "BIN_DIR", "ninja")
+    patches = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _patch_files()} if mla_patch else {}
+    tree = _patched_tree(src, staging, label) if mla_patch else src
     args, extra_env, slug = _configure_args(profile, staging)
     env = {**os.environ, **extra_env}
     build_dir = staging / "cmake"
     log_path = cache_dir() / "logs" / f"{staging.name.split('.partial-')[0]}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    configure = [cmake, "-S", str(src), "-B", str(build_dir), "-G", "Ninja",
+    configure = [cmake, "-S", str(tree), "-B", str(build_dir), "-G", "Ninja",
                  f"-DCMAKE_MAKE_PROGRAM={ninja}", *COMMON_CMAKE, *args]
     compile_ = [cmake, "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *BINARIES]
     with log_path.open("w") as out:
@@ -261,6 +296,7 @@ def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int
             sizes[lib.name] = lib.stat().st_size
     return {
         "key": staging.name.split(".partial-")[0], "source": str(src), "source_label": label,
+        "patches": patches, "latent_kv": bool(patches),  # runs --kv-cache latent files
         "profile": profile.name, "toolchain": profile.target.toolchain,
         "triple": profile.target.triple or platform.machine(),
         "arch": profile.target.arch or platform.machine(), "libc": profile.target.libc, "glibc": profile.target.glibc,

@@ -83,12 +83,17 @@ def patch_files() -> list[Path]:
     return files
 
 
-def build_key(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
-    """Names the source version; hashes the patches (names and bytes) and the recipe."""
-    digest = hashlib.sha256()
-    digest.update(f"recipe {RECIPE_VERSION}\n{' '.join(CMAKE_FLAGS)}\n{platform.machine()}\n".encode())
+def hash_patches(digest) -> None:
+    """Feed the patch set (names and diffs) to a hashlib digest: every build key that applies it."""
     for file in patch_files():
         digest.update(file.name.encode() + b"\0" + _patch_body(file.read_bytes()) + b"\0")
+
+
+def build_key(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
+    """Names the source version; hashes the patches and the recipe."""
+    digest = hashlib.sha256()
+    digest.update(f"recipe {RECIPE_VERSION}\n{' '.join(CMAKE_FLAGS)}\n{platform.machine()}\n".encode())
+    hash_patches(digest)
     return f"lcp{version}-mla-{digest.hexdigest()[:16]}"
 
 

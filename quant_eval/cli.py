@@ -25,7 +25,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --outfile."),
     sweep: bool = typer.Option(False, "--sweep", help="Measure many recipes side by side."),
     types: Optional[str] = typer.Option(None, "--types", help="Comma-separated stock types to sweep instead of the default recipes."),
-    recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of [[recipe]] tables."),
+    recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of \\[\\[recipe]] tables."),
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluation (and calibration) text; default: a built-in bilingual corpus."),
     ctx: int = typer.Option(512, "--ctx", help="Evaluation chunk length, and the context memory is counted at."),
     budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="Memory budget for the recommendation (MiB)."),

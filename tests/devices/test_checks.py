@@ -96,3 +96,35 @@ def test_suggested_profiles_follow_the_cpu():
     assert suggest_profiles(recorded_facts("rpi4"))[-3:] == sorted(["linux-aarch64", "rpi-zero2w", "rpi4"])
     assert suggest_profiles(recorded_facts("sd8gen2"))[0] == "android-i8mm"
     assert "android-i8mm" not in suggest_profiles(recorded_facts("rpi5"))
+
+
+PLM_1_8B_Q4KM_MLA = checks.ModelInfo(**{**PLM_1_8B_Q4KM.__dict__, "kv_lora_rank": 512, "rope_dim": 64})
+
+
+def test_latent_layout_caches_576_values_per_token_and_layer():
+    latent = PLM_1_8B_Q4KM_MLA.as_latent()
+    assert latent.latent and latent.as_latent() is None
+    assert checks.kv_cache_bytes(latent, 4096) == 144 * MIB  # 32 x 4096 x (512 + 64) x 2 bytes
+    assert PLM_1_8B_Q4KM.as_latent() is None  # no MLA metadata: nothing to offer
+
+
+def test_memory_refusal_offers_the_latent_layout_when_it_fits():
+    pi4 = recorded_facts("rpi4")
+    with pytest.raises(DeviceError) as err:
+        checks.check_memory(PLM_1_8B_Q4KM_MLA, 4096, pi4, headroom_mib=1024)
+    assert "--kv-cache latent" in err.value.hint and "144 MiB instead of 1280 MiB" in err.value.hint
+    assert checks.plan_memory(PLM_1_8B_Q4KM_MLA.as_latent(), 4096, pi4, 1024).fits
+    with pytest.raises(DeviceError) as err:  # a stock build cannot run it: not offered
+        checks.check_memory(PLM_1_8B_Q4KM_MLA, 4096, pi4, headroom_mib=1024, latent_runs=False)
+    assert "--kv-cache latent" not in err.value.hint and "--ctx" in err.value.hint
+
+
+def test_latent_file_needs_the_patched_build():
+    latent = PLM_1_8B_Q4KM_MLA.as_latent()
+    checks.check_layout(latent, mla_patch=True)
+    checks.check_layout(PLM_1_8B_Q4KM_MLA, mla_patch=False)
+    with pytest.raises(DeviceError, match="latent KV-cache layout") as err:
+        checks.check_layout(latent, mla_patch=False)
+    assert "--no-mla-patch" in err.value.hint
+    with pytest.raises(DeviceError, match="latent KV-cache layout"):  # preflight refuses before building
+        preflight(load_profile("rpi5"), recorded_facts("rpi5"), latent, 4096, mla_patch=False)

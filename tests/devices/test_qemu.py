@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from plm_gguf.devices.deploy import deploy
@@ -48,3 +50,68 @@ def test_a_build_above_the_cpu_dies_with_sigill_and_says_so(aarch64_build, profi
     with pytest.raises(DeviceError, match="SIGILL") as err:
         deploy(tiny_gguf, profile=load_profile("pi4-emulated"))
     assert "profile that matches" in err.value.hint
+
+
+# ---------------------------------------------------------------- absorbed MLA on the device build
+
+MLA_PROMPT = "def read_config(path):\n    "
+N_PREDICT = 24
+TRAINED = Path(__file__).resolve().parents[1] / "data" / "trained-plm"  # 4.4M PLM trained on Python's stdlib
+
+
+@pytest.fixture(scope="module")
+def mla_pair(tmp_path_factory):
+    """The trained fixture PLM (nope 48 != v 64) converted to f32 in both KV-cache layouts, and the
+    bytes of the torch reference's greedy continuation of MLA_PROMPT (byte-level BPE pieces)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from plm_gguf.checkpoint import Checkpoint
+    from plm_gguf.convert.writer import convert
+    from plm_gguf.fixtures.tokenizers import bytes_to_unicode
+    from plm_gguf.reference import PLMForCausalLM
+
+    root = tmp_path_factory.mktemp("mla-qemu")
+    ckpt = TRAINED
+    stock = convert(ckpt, root / "stock-f32.gguf", "f32").outfile
+    latent = convert(ckpt, root / "latent-f32.gguf", "f32", kv_cache="latent").outfile
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    ids = tok.encode(MLA_PROMPT, add_special_tokens=False).ids
+    n_prompt = len(ids)
+    model = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
+    with torch.no_grad():
+        for _ in range(N_PREDICT):
+            ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    pieces = [bytes(to_byte[c] for c in tok.id_to_token(i)) for i in ids[n_prompt:]]
+    assert len(set(pieces)) > 2, pieces  # a continuation that can tell two computations apart
+    return stock, latent, MLA_PROMPT.encode() + b"".join(pieces)
+
+
+def _complete_under_qemu(build, model) -> bytes:
+    """llama-completion's stdout: the prompt and the greedy continuation, as bytes."""
+    import subprocess
+
+    argv = ["qemu-aarch64-static", str(build.binaries["llama-completion"]), "-m", str(model), "-p", MLA_PROMPT,
+            "-n", str(N_PREDICT), "--ignore-eos", "-c", "256", "-t", "2", "-fa", "off", "-no-cnv", "--temp", "0",
+            "-s", "1", "-ctk", "f32", "-ctv", "f32"]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:].decode(errors="replace")
+    return proc.stdout
+
+
+def test_aarch64_build_carries_the_mla_patch(aarch64_build):
+    from plm_gguf import llama_lib
+
+    assert aarch64_build.key.startswith("lcp") and "-mla-" in aarch64_build.key
+    assert aarch64_build.manifest["latent_kv"] is True
+    assert set(aarch64_build.manifest["patches"]) == {p.name for p in llama_lib.patch_files()}
+
+
+def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair):
+    stock, latent, reference = mla_pair
+    out_stock = _complete_under_qemu(aarch64_build, stock)
+    out_latent = _complete_under_qemu(aarch64_build, latent)
+    assert out_latent == out_stock
+    # and both are the torch reference's greedy tokens (llama-completion ends its output with a newline)
+    assert out_stock.startswith(reference) and out_stock[len(reference):].strip() == b"", (out_stock, reference)

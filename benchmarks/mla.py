@@ -1,0 +1,109 @@
+"""Absorbed MLA against the stock layout: KV cache and tokens/s of the same model in both layouts.
+
+    python -m benchmarks.mla STOCK.gguf LATENT.gguf [STOCK2.gguf LATENT2.gguf ...]
+                             [--ctx 512,4096] [--n-gen 32] [--threads 2] [--repeat 1]
+
+For each context size and each pair (stock, latent), alternating within the pair: llama.cpp's
+KV-cache report (`python -m plm_gguf.llama_lib probe`), then prompt and generation tokens/s
+(`python -m plm_gguf.llama_lib bench`: a prompt of ctx - n_gen tokens in batches of 512, then
+n_gen tokens one decode each at that depth), both on the patched host library, f16 KV cache,
+flash attention off. Writes benchmarks/results/mla.{md,json} with the load and the CPU share other
+processes used during each run. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks.measure import measure
+from plm_gguf import llama_lib
+from plm_gguf.ggufinfo import read_plm_gguf
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path(__file__).parent / "work" / "mla"
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def describe(path: Path) -> dict:
+    info = read_plm_gguf(path)
+    latent = "plm.attention.key_length_mla" in info.fields
+    return {"file": str(path), "name": path.name, "layout": "latent" if latent else "stock",
+            "size_mib": round(path.stat().st_size / 2**20, 1), "file_type": info.fields.get("general.file_type")}
+
+
+def bench_once(model: Path, ctx: int, n_gen: int, threads: int, env: dict, log_file: Path) -> dict:
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "bench", str(model), "--n-ctx", str(ctx),
+           "--n-gen", str(n_gen), "--threads", str(threads)]
+    sample = measure([cmd], log_file, drop=False, env=env)
+    said = [l for l in log_file.read_text().splitlines() if l.startswith('{"model"')]
+    if not said:
+        raise SystemExit(f"the bench printed no result; see {log_file}")
+    result = json.loads(said[-1])
+    return {**result, "wall_s": round(sample.wall_s, 1), "peak_rss_mib": round(sample.peak_rss_bytes / 2**20),
+            "load_before": sample.load_before[0], "others_cpu": round(sample.others_cpu, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mla", description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", type=Path, help="pairs of GGUF files: stock layout, then latent")
+    ap.add_argument("--ctx", default="512,4096", help="comma-separated context sizes")
+    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    if len(a.files) % 2:
+        ap.error("give the files in pairs: stock, latent")
+    pairs = [(a.files[i], a.files[i + 1]) for i in range(0, len(a.files), 2)]
+    for stock, latent in pairs:
+        if describe(stock)["layout"] != "stock" or describe(latent)["layout"] != "latent":
+            ap.error(f"{stock.name} must be stock-layout and {latent.name} latent-layout")
+    env = llama_lib.lib_env()
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ctx in [int(c) for c in a.ctx.split(",")]:
+        for stock, latent in pairs:
+            for model in (stock, latent):
+                kv = llama_lib.probe(model, n_ctx=ctx, env=env)
+                if not kv["ok"]:
+                    raise SystemExit(f"{model.name} does not load: {kv['error']}")
+                rows.append({**describe(model), "ctx": ctx, "kv_cache_mib": kv["kv_cache"]["total_mib"], "runs": []})
+            for rep in range(a.repeat):
+                for row in rows[-2:]:  # stock, latent, stock, latent, ...
+                    log(f"ctx {ctx} {row['name']} run {rep + 1}/{a.repeat}")
+                    run = bench_once(Path(row["file"]), ctx, a.n_gen, a.threads, env, WORK / f"{row['name']}-{ctx}.log")
+                    log(f"  prompt {run['prompt_tok_s']} tok/s, generation {run['gen_tok_s']} tok/s, "
+                        f"others used {run['others_cpu']:.0%} of the CPU")
+                    row["runs"].append(run)
+    for row in rows:
+        row["prompt_tok_s"] = statistics.median(r["prompt_tok_s"] for r in row["runs"])
+        row["gen_tok_s"] = statistics.median(r["gen_tok_s"] for r in row["runs"])
+        row["others_cpu_max"] = max(r["others_cpu"] for r in row["runs"])
+    command = "python -m benchmarks.mla " + " ".join(sys.argv[1:] if argv is None else argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (a.out / "mla.json").write_text(json.dumps({"command": command, "when": stamp, "rows": rows}, indent=2) + "\n")
+    lines = [f"# Absorbed MLA vs stock layout ({stamp})", "", f"`{command}`", "",
+             f"Patched host library, f16 KV cache, flash attention off, {a.threads} threads, median of "
+             f"{a.repeat} run(s). Prompt: ctx - {a.n_gen} tokens in batches of 512; generation: {a.n_gen} "
+             "tokens at that depth. `others` is the largest share of the CPU other processes used during a run.",
+             "", "| file | layout | size MiB | ctx | KV cache MiB | prompt tok/s | gen tok/s | others |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['layout']} | {r['size_mib']} | {r['ctx']} | {r['kv_cache_mib']:.2f} | "
+                     f"{r['prompt_tok_s']:.2f} | {r['gen_tok_s']:.2f} | {r['others_cpu_max']:.0%} |")
+    (a.out / "mla.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

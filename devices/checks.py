@@ -15,7 +15,8 @@ from .facts import SPEED_FEATURES, DeviceFacts
 
 MIB = 1024 * 1024
 UBATCH = 512  # llama.cpp's default micro-batch: sets the size of the compute buffer
-CACHE_BYTES = 2  # f16 K and V (a quantized V cache needs flash attention, which PLM cannot use)
+CACHE_BYTES = 2  # f16 K and V, as deploy runs llama.cpp
+FLASH_ATTN_MODES = ("auto", "on", "off")
 ARCH_ALIASES = {"aarch64": "aarch64", "arm64": "aarch64", "armv8l": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
 
 
@@ -54,6 +55,7 @@ class MemoryPlan:
     compute: int
     headroom: int
     available: int
+    flash_attn: bool = False  # llama.cpp runs with flash attention (no KQ score matrix in the compute buffer)
 
     @property
     def needed(self) -> int:
@@ -65,7 +67,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         return (f"weights {self.weights / MIB:.0f} MiB + KV cache {self.kv_cache / MIB:.0f} MiB at ctx {self.ctx} "
-                f"+ compute {self.compute / MIB:.0f} MiB + headroom {self.headroom / MIB:.0f} MiB "
+                f"+ compute {self.compute / MIB:.0f} MiB{' (flash attention)' if self.flash_attn else ''} "
+                f"+ headroom {self.headroom / MIB:.0f} MiB "
                 f"= {self.needed / MIB:.0f} MiB vs MemAvailable {self.available / MIB:.0f} MiB")
 
 
@@ -114,27 +117,30 @@ def kv_cache_bytes(model: ModelInfo, ctx: int) -> int:
     return model.n_layer * ctx * per_token_layer * CACHE_BYTES
 
 
-def compute_bytes(model: ModelInfo, ctx: int) -> int:
-    """An estimate of llama.cpp's CPU compute buffer without flash attention (f32 activations).
+def compute_bytes(model: ModelInfo, ctx: int, flash_attn: bool = False) -> int:
+    """An estimate of llama.cpp's CPU compute buffer (f32 activations).
 
-    The KQ score matrix [ctx, ubatch, n_head] dominates at long contexts; the rest is a few
-    activations of width n_embd / n_ff / key length per token of the micro-batch, plus logits.
+    Without flash attention the KQ score matrix [ctx, ubatch, n_head] dominates at long contexts
+    (flash attention works in tiles and keeps none); the rest is a few activations of width
+    n_embd / n_ff / key length per token of the micro-batch, plus logits.
     """
-    scores = ctx * UBATCH * model.n_head * 4
+    scores = 0 if flash_attn else ctx * UBATCH * model.n_head * 4
     activations = UBATCH * 4 * (4 * model.n_embd + 2 * model.n_ff + 3 * model.n_head * model.key_length)
     logits = model.n_vocab * 4 * 2
     return scores + activations + logits + 16 * MIB
 
 
-def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int) -> MemoryPlan:
-    return MemoryPlan(ctx, model.size, kv_cache_bytes(model, ctx), compute_bytes(model, ctx),
-                      headroom_mib * MIB, facts.mem_available)
+def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
+                flash_attn: bool = False) -> MemoryPlan:
+    return MemoryPlan(ctx, model.size, kv_cache_bytes(model, ctx), compute_bytes(model, ctx, flash_attn),
+                      headroom_mib * MIB, facts.mem_available, flash_attn)
 
 
-def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int) -> int:
+def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int,
+                        flash_attn: bool = False) -> int:
     ctx = upto
     while ctx >= 256:
-        if plan_memory(model, ctx, facts, headroom_mib).fits:
+        if plan_memory(model, ctx, facts, headroom_mib, flash_attn).fits:
             return ctx
         ctx = ctx - 256 if ctx % 256 == 0 else ctx // 256 * 256
     return 0
@@ -148,19 +154,42 @@ def check_layout(model: ModelInfo, mla_patch: bool) -> None:
                           "deploy without --no-mla-patch, or convert with --kv-cache full")
 
 
+def resolve_flash_attn(model: ModelInfo, mode: str, mla_patch: bool = True) -> bool:
+    """Whether llama.cpp runs MODEL with flash attention, for --flash-attn auto|on|off.
+
+    auto is on for a latent-layout file on the patched build: its K-only cache is read once per
+    KV head by the patched decode kernel, the fastest way llama.cpp runs it. A stock-layout PLM
+    file cannot use it (llama.cpp aborts: its K head is 192 wide and its V head 128, and the
+    stock graph's V does not fit the flash-attention cache layout), so auto is off there and on
+    is refused."""
+    if mode not in FLASH_ATTN_MODES:
+        raise UsageError(f"--flash-attn {mode!r} is not one of {', '.join(FLASH_ATTN_MODES)}",
+                         "use --flash-attn auto (on for --kv-cache latent files, off for stock ones)")
+    if mode == "off":
+        return False
+    if model.arch == "plm" and not model.latent:
+        if mode == "on":
+            raise DeviceError(f"flash attention aborts llama.cpp on {model.path.name}, a stock-layout PLM file",
+                              "convert with --kv-cache latent (which runs with flash attention), "
+                              "or use --flash-attn auto")
+        return False
+    return mode == "on" or (model.latent and mla_patch)
+
+
 def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
-                 latent_runs: bool = True) -> MemoryPlan:
+                 latent_runs: bool = True, flash_attn: bool = False) -> MemoryPlan:
     """Refuse a plan that does not fit; the hint names the largest ctx that does and, for a stock
-    file, what the latent layout would need (latent_runs: the build runs latent files)."""
-    plan = plan_memory(model, ctx, facts, headroom_mib)
+    file, what the latent layout would need (latent_runs: the build runs latent files, with
+    flash attention as auto would choose)."""
+    plan = plan_memory(model, ctx, facts, headroom_mib, flash_attn)
     if plan.fits:
         return plan
-    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1)
+    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1, flash_attn)
     hint = (f"use --ctx {smaller} (fits)" if smaller else
             "even ctx 256 does not fit: use a smaller quantization (e.g. Q4_0) or free memory on the device")
     latent = model.as_latent() if latent_runs else None
     if latent is not None:
-        alt = plan_memory(latent, ctx, facts, headroom_mib)
+        alt = plan_memory(latent, ctx, facts, headroom_mib, flash_attn=True)
         if alt.fits:
             hint = (f"convert with --kv-cache latent: its KV cache at ctx {ctx} is {alt.kv_cache / MIB:.0f} MiB "
                     f"instead of {plan.kv_cache / MIB:.0f} MiB, and it fits; or {hint}")

@@ -107,6 +107,10 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
                forward_port: Optional[int] = typer.Option(None, "--forward-port",
                                                           help="Local end of the forward (default: PORT)."),
                llama_cpp: Optional[Path] = LLAMA_CPP, glibc: str = GLIBC, mla_patch: bool = MLA_PATCH,
+               flash_attn: str = typer.Option("auto", "--flash-attn", metavar="auto|on|off",
+                                              help="Flash attention: auto is on for --kv-cache latent files "
+                                                   "(their fastest path) and off for stock ones, where it aborts "
+                                                   "llama.cpp."),
                exec_wrapper: Optional[str] = typer.Option(None, "--exec-wrapper", help="e.g. qemu-aarch64-static")
                ) -> None:
     """Check, push and smoke-test MODEL on a device; optionally bench it and serve it."""
@@ -114,10 +118,11 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
 
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
                bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
-               mla_patch=mla_patch, progress=_progress)
+               mla_patch=mla_patch, flash_attn=flash_attn, progress=_progress)
     for warning in r.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    console.print(f"[green]deployed[/] to {escape(r.device)}:{escape(r.install_dir)}  (ctx {r.ctx}, {r.threads} threads)")
+    console.print(f"[green]deployed[/] to {escape(r.device)}:{escape(r.install_dir)}  (ctx {r.ctx}, {r.threads} threads, "
+                  f"flash attention {'on' if r.memory.flash_attn else 'off'})")
     console.print(f"  llama.cpp: {escape(r.build_key)}"
                   + (" (with the absorbed-MLA patch: runs --kv-cache latent files)" if "-mla-" in r.build_key else ""))
     console.print(f"  memory: {escape(r.memory.describe())}")

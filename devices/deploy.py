@@ -187,9 +187,12 @@ def target_manifest(profile: Profile, glibc: str = "") -> dict:
 
 
 def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx: int | None,
-              glibc: str = "", mla_patch: bool = True) -> tuple[int, checks.MemoryPlan, list[str]]:
-    """All refusals before anything is built or sent: (ctx, memory plan, warnings)."""
+              glibc: str = "", mla_patch: bool = True, flash_attn: str = "auto"
+              ) -> tuple[int, checks.MemoryPlan, list[str]]:
+    """All refusals before anything is built or sent: (ctx, memory plan, warnings). The plan says
+    whether llama.cpp runs with flash attention (`flash_attn`: auto, on or off)."""
     checks.check_layout(model, mla_patch)
+    use_flash_attn = checks.resolve_flash_attn(model, flash_attn, mla_patch)
     manifest = target_manifest(profile, glibc)
     wrapped = bool(profile.exec_wrapper)
     checks.check_arch(manifest, facts, wrapped)
@@ -208,7 +211,8 @@ def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx
         warnings.append(f"ctx {ctx} is beyond the model's training context {model.n_ctx_train}")
     if ctx < 64:
         raise UsageError(f"--ctx {ctx} is too small", "use --ctx 256 or more")
-    plan = checks.check_memory(model, ctx, facts, profile.headroom_mib, latent_runs=mla_patch)
+    plan = checks.check_memory(model, ctx, facts, profile.headroom_mib, latent_runs=mla_patch,
+                               flash_attn=use_flash_attn)
     return ctx, plan, warnings
 
 
@@ -217,16 +221,16 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
            serve_port: int | None = None, forward_port: int | None = None,
            llama_cpp: str | Path | None = None, glibc: str = "",
            bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True, mla_patch: bool = True,
-           progress: Progress | None = None) -> DeployResult:
+           flash_attn: str = "auto", progress: Progress | None = None) -> DeployResult:
     """Put llama.cpp (with plm-gguf's patches unless mla_patch=False) and the model on the
-    device and prove they run there."""
+    device and prove they run there. flash_attn: auto (on for latent-layout files), on or off."""
     progress = progress or (lambda event, detail: None)
     profile = profile or resolve_profile(profile_name, address=address)
     model = checks.read_model(Path(model_path).expanduser())
     transport = connect(profile)
     progress("probe", transport.describe())
     facts = probe(profile, transport)
-    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch)
+    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch, flash_attn)
     n_threads = threads or checks.default_threads(profile.threads, facts)
     progress("build", profile.name)
     built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch,
@@ -245,14 +249,16 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
         result.kernels = ["native"]
     if smoke:
         progress("smoke", "llama-completion")
-        result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads)
+        result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,
+                                         flash_attn=plan.flash_attn)
     if bench:
         progress("bench", f"llama-bench -p {bench_prompt} -n {bench_gen} -t {n_threads}")
-        result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen)
+        result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen,
+                                 flash_attn=plan.flash_attn)
     if serve_port:
         progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
         result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,
-                                     forward_port)
+                                     forward_port, flash_attn=plan.flash_attn)
         manifest.update(forward_port=forward_port or serve_port)
         _write_manifest(transport, folder, manifest)
     return result

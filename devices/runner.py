@@ -1,7 +1,8 @@
 """Running the installed llama.cpp binaries on the device: smoke test, llama-bench, llama-server.
 
-Every invocation turns flash attention off: PLM's K head (192) and V head (128) differ and
-llama.cpp's flash-attention path aborts on it.
+Flash attention is on or off as deploy decided (checks.resolve_flash_attn): on for latent-layout
+files by default (the patched build's fastest path for them), always off for stock-layout PLM
+files, where llama.cpp's flash-attention path aborts.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ def _fail(what: str, result, profile: Profile) -> DeviceError:
     return DeviceError(f"{what} failed on {profile.name}: {why}", hint)
 
 
+def _fa(flash_attn: bool, on: str = "on", off: str = "off") -> str:
+    return on if flash_attn else off
+
+
 def smoke_test(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-               n_predict: int = 8) -> str:
+               n_predict: int = 8, flash_attn: bool = False) -> str:
     """A short greedy generation; returns the text printed (prompt and continuation)."""
     cmd = exec_argv(profile, f"{folder}/llama-completion", "-m", model, "-p", SMOKE_PROMPT, "-n", str(n_predict),
-                    "-c", str(ctx), "-t", str(threads), "-fa", "off", "-no-cnv", "--temp", "0", "-s", "1")
+                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), "-no-cnv", "--temp", "0", "-s", "1")
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=600, check=False)
     if not result.ok:
         raise _fail("the smoke generation", result, profile)
@@ -82,10 +87,10 @@ def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
 
 
 def run_bench(transport: Transport, profile: Profile, folder: str, model: str, threads: int,
-              n_prompt: int = 64, n_gen: int = 16, reps: int = 2) -> BenchResult:
+              n_prompt: int = 64, n_gen: int = 16, reps: int = 2, flash_attn: bool = False) -> BenchResult:
     before = read_temperature(transport)
     cmd = exec_argv(profile, f"{folder}/llama-bench", "-m", model, "-t", str(threads), "-p", str(n_prompt),
-                    "-n", str(n_gen), "-r", str(reps), "-fa", "0", "-o", "json")
+                    "-n", str(n_gen), "-r", str(reps), "-fa", _fa(flash_attn, "1", "0"), "-o", "json")
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=1800, check=False)
     if not result.ok:
         raise _fail("llama-bench", result, profile)
@@ -95,11 +100,11 @@ def run_bench(transport: Transport, profile: Profile, folder: str, model: str, t
 
 
 def start_server(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-                 port: int, forward_port: int | None = None) -> ServerInfo:
+                 port: int, forward_port: int | None = None, flash_attn: bool = False) -> ServerInfo:
     """llama-server bound to 127.0.0.1 under nohup; then the forward that makes it reachable here."""
     stop_server(transport, folder)  # a server this tool started before; the forward is rebound below
     cmd = exec_argv(profile, f"{folder}/llama-server", "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                    "-c", str(ctx), "-t", str(threads), "-fa", "off")
+                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn))
     # `cd || exit` on its own: `cd && nohup ... &` would background a subshell holding the session open.
     pidfile = sh(f"{folder}/server.pid")
     script = (f"cd {sh(folder)} || exit 1; nohup {cmd} > server.log 2>&1 < /dev/null & echo $! > {pidfile};"

@@ -9,7 +9,7 @@ import pytest
 from plm_gguf.devices import checks
 from plm_gguf.devices.deploy import preflight, suggest_profiles, target_manifest
 from plm_gguf.devices.profiles import load_profile
-from plm_gguf.errors import DeviceError
+from plm_gguf.errors import DeviceError, UsageError
 
 from .recorded import recorded_facts
 
@@ -128,3 +128,29 @@ def test_latent_file_needs_the_patched_build():
     assert "--no-mla-patch" in err.value.hint
     with pytest.raises(DeviceError, match="latent KV-cache layout"):  # preflight refuses before building
         preflight(load_profile("rpi5"), recorded_facts("rpi5"), latent, 4096, mla_patch=False)
+
+
+def test_flash_attention_auto_is_on_for_latent_files_and_refused_for_stock_ones():
+    latent = PLM_1_8B_Q4KM_MLA.as_latent()
+    assert checks.resolve_flash_attn(latent, "auto") is True
+    assert checks.resolve_flash_attn(latent, "auto", mla_patch=False) is False  # (a stock build refuses the file)
+    assert checks.resolve_flash_attn(latent, "off") is False
+    assert checks.resolve_flash_attn(PLM_1_8B_Q4KM, "auto") is False
+    assert checks.resolve_flash_attn(PLM_1_8B_Q4KM, "off") is False
+    with pytest.raises(DeviceError, match="flash attention aborts llama.cpp on plm-1.8b-q4_k_m.gguf") as err:
+        checks.resolve_flash_attn(PLM_1_8B_Q4KM, "on")
+    assert "--kv-cache latent" in err.value.hint
+    with pytest.raises(UsageError, match="--flash-attn 'yes' is not one of auto, on, off"):
+        checks.resolve_flash_attn(latent, "yes")
+    with pytest.raises(DeviceError, match="flash attention aborts"):  # preflight refuses before building
+        preflight(load_profile("rpi5"), recorded_facts("rpi5"), PLM_1_8B_Q4KM, 4096, flash_attn="on")
+    _, plan, _ = preflight(load_profile("rpi5"), recorded_facts("rpi5"), latent, 4096)
+    assert plan.flash_attn and "(flash attention)" in plan.describe()
+
+
+def test_flash_attention_keeps_no_score_matrix_in_the_compute_buffer():
+    latent = PLM_1_8B_Q4KM_MLA.as_latent()
+    scores = 4096 * checks.UBATCH * 16 * 4  # KQ [ctx, ubatch, n_head] in f32: 128 MiB at ctx 4096
+    assert scores == 128 * MIB
+    assert checks.compute_bytes(latent, 4096) - checks.compute_bytes(latent, 4096, flash_attn=True) == scores
+    assert checks.compute_bytes(latent, 512, flash_attn=True) == checks.compute_bytes(latent, 4096, flash_attn=True)

@@ -118,8 +118,9 @@ def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch6
 
 
 def test_deploy_a_latent_file_to_the_emulated_pi(aarch64_build, mla_pair, profile_dir, tmp_path):
-    """deploy pushes the patched build with a latent file, counts the latent cache, and its smoke
-    test runs there; asked for stock llama.cpp, it refuses before building or sending anything."""
+    """deploy pushes the patched build with a latent file, counts the latent cache, runs it with
+    flash attention (auto) and without; asked for stock llama.cpp, or for flash attention on a
+    stock-layout file, it refuses before building or sending anything."""
     from plm_gguf.devices import checks
     from plm_gguf.errors import DeviceError
 
@@ -127,11 +128,20 @@ def test_deploy_a_latent_file_to_the_emulated_pi(aarch64_build, mla_pair, profil
     write_profile(profile_dir, "pi5-emulated",
                   f'extends = "rpi5"\ninstall_dir = "{tmp_path}/pi/plm-gguf"\nexec_wrapper = ["qemu-aarch64-static"]\n'
                   'ctx = 256\nheadroom_mib = 64\n[transport]\nkind = "local"\n')
-    result = deploy(latent, profile=load_profile("pi5-emulated"))
+    result = deploy(latent, profile=load_profile("pi5-emulated"), bench=True, bench_prompt=16, bench_gen=4)
     assert result.build_key == aarch64_build.key
     assert result.smoke_output.startswith("The capital of France is")
     # 4 layers x 256 tokens x (latent 256 + rope 16) x 2 bytes, against full K and V: 4 x 256 x 4 x (64 + 64) x 2
     assert result.memory.kv_cache == 4 * 256 * (256 + 16) * 2 == 557_056
     assert checks.kv_cache_bytes(checks.read_model(stock), 256) == 4 * 256 * 4 * (64 + 64) * 2
+    # auto: flash attention on for the latent layout, in the smoke test and in llama-bench
+    assert result.memory.flash_attn and result.bench.gen_tps > 0
+    assert all(r["flash_attn"] in (True, 1) for r in result.bench.raw)
+    result = deploy(latent, profile=load_profile("pi5-emulated"), flash_attn="off", bench=True, bench_prompt=16,
+                    bench_gen=4)
+    assert not result.memory.flash_attn and result.smoke_output.startswith("The capital of France is")
+    assert all(r["flash_attn"] in (False, 0) for r in result.bench.raw)
     with pytest.raises(DeviceError, match="latent KV-cache layout"):
         deploy(latent, profile=load_profile("pi5-emulated"), mla_patch=False, llama_cpp=tmp_path / "never read")
+    with pytest.raises(DeviceError, match="flash attention aborts"):  # it would: llama.cpp aborts on a stock file
+        deploy(stock, profile=load_profile("pi5-emulated"), flash_attn="on")

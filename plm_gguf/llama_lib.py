@@ -19,7 +19,8 @@ for a child process; the variable must be set before llama_cpp is first imported
 
 Child-process entry points (llama.cpp may abort): `python -m plm_gguf.llama_lib build` prints
 the library folder; `python -m plm_gguf.llama_lib probe MODEL` loads a GGUF and prints JSON
-with what llama.cpp reports about its KV cache (or the load error).
+with what llama.cpp reports about its KV cache (or the load error); `... op-test` runs
+llama.cpp's test-backend-ops on the patched CPU kernels against their reference.
 """
 
 from __future__ import annotations
@@ -249,6 +250,54 @@ def _run_build(tree: Path, build_dir: Path, jobs: int, log, log_file: Path) -> N
                                     f"the full log is kept as llama-lib/*.failed.log in the cache; {FULL_CACHE_HINT}")
 
 
+OP_TEST = "test-backend-ops"
+
+
+def op_test_binary(*, version: str = LLAMA_CPP_PYTHON_VERSION, log=None) -> Path:
+    """llama.cpp's own op test (tests/test-backend-ops.cpp of the same source, unmodified), compiled
+    against the patched libraries and kept beside them (bin/ of the cache entry). With `-b CPU` it
+    compares the CPU backend's kernels with its reference implementation: the check for the
+    ggml-cpu patch."""
+    lib = build(version=version, log=log)
+    binary = lib.parent / "bin" / OP_TEST
+    if binary.is_file():
+        return binary
+    with _lock(lib.parent):
+        if binary.is_file():
+            return binary
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if not cxx:
+            raise LlamaCppError(f"no C++ compiler to build llama.cpp's {OP_TEST}", "install g++")
+        src = source_dir(version)
+        binary.parent.mkdir(exist_ok=True)
+        partial = binary.with_name(f".{OP_TEST}.partial")
+        cmd = [cxx, "-O2", "-std=c++17", "-pthread", f"-I{src / 'ggml' / 'include'}",
+               str(src / "tests" / f"{OP_TEST}.cpp"), "-o", str(partial), f"-L{lib}", "-lggml", "-lggml-base",
+               "-Wl,-rpath,$ORIGIN/../lib"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            said = next((l for l in proc.stderr.splitlines() if "error" in l), proc.stderr.strip()[-200:])
+            raise LlamaCppError(f"building {OP_TEST} failed: {said}", "check the C++ compiler (C++17)")
+        os.replace(partial, binary)
+    return binary
+
+
+def run_op_test(ops: str = "FLASH_ATTN_EXT", params: str | None = None, *, jobs: int | None = None,
+                timeout: float = 3600) -> tuple[bool, int, str]:
+    """`test-backend-ops -b CPU -o OPS [-p PARAMS]` on the patched libraries: (passed, number of
+    cases run, output)."""
+    cmd = [str(op_test_binary()), "-b", "CPU", "-o", ops, "-j", str(jobs or os.cpu_count() or 1)]
+    if params:
+        cmd += ["-p", params]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    counts = re.findall(r"(\d+)/(\d+) tests passed", out)
+    n_run = int(counts[-1][1]) if counts else 0
+    passed = proc.returncode == 0 and bool(counts) and counts[-1][0] == counts[-1][1]
+    return passed, n_run, out
+
+
 def lib_env(base: dict | None = None, lib: Path | None = None) -> dict:
     """An environment for a child process that loads the patched library."""
     env = dict(os.environ if base is None else base)
@@ -341,7 +390,8 @@ def _bench_child(model: str, n_ctx: int, n_gen: int, threads: int, cache_type: i
 
 def _run_child(model: str, tokens_file: str, out: str, cache_type: int, flash_attn: bool, greedy: int) -> None:
     """Logits (logits_i.npy) of each token sequence, with a chosen KV cache type and flash
-    attention (which llama_worker always turns off), plus greedy continuations (greedy.json)."""
+    attention (which llama_worker always turns off), plus greedy continuations (greedy.json) and
+    the logits of every position after them (all_logits_i.npy: the prompt's, then one decode each)."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -360,6 +410,8 @@ def _run_child(model: str, tokens_file: str, out: str, cache_type: int, flash_at
             generated.append(nxt)
             llm.eval([nxt])
         continuations.append(generated)
+        if greedy:
+            np.save(Path(out) / f"all_logits_{i}.npy", np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
     (Path(out) / "greedy.json").write_text(json.dumps(continuations))
 
 
@@ -403,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     q.add_argument("--cache-type", type=int, default=1, help="ggml type of the KV cache (1 = f16, 8 = q8_0)")
     q.add_argument("--flash-attn", action="store_true")
+    o = sub.add_parser("op-test", help=f"llama.cpp's {OP_TEST} on the patched CPU kernels against the reference")
+    o.add_argument("-o", "--ops", default="FLASH_ATTN_EXT")
+    o.add_argument("-p", "--params", default=None, help="regex on the test cases' parameters")
     r = sub.add_parser("run", help="logits and greedy continuations (child process)")
     r.add_argument("model")
     r.add_argument("--tokens", required=True)
@@ -418,6 +473,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
             sys.exit(exc.exit_code)
         print(lib)
+    elif a.cmd == "op-test":
+        try:
+            passed, n_run, out = run_op_test(a.ops, a.params)
+        except LlamaCppError as exc:
+            print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        failed = [l.strip() for l in out.splitlines() if "FAIL" in l and "(" in l]
+        print("\n".join(failed[:20]))
+        print(f"{OP_TEST} -b CPU -o {a.ops}{' -p ' + repr(a.params) if a.params else ''}: "
+              f"{n_run} cases, {'all passed' if passed else 'FAILED'}")
+        sys.exit(0 if passed else 1)
     elif a.cmd == "run":
         _run_child(a.model, a.tokens, a.out, a.cache_type, a.flash_attn, a.greedy)
     elif a.cmd == "bench":

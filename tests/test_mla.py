@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -260,3 +261,54 @@ def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path
     assert stats.mean_kl <= 5e-3 and stats.top1 >= 0.95, stats
     print(f"latent layout, flash attention: f16 cache mean KL {compare_logits(reference, f16_fa).mean_kl:.2e}, "
           f"q8_0 cache mean KL {stats.mean_kl:.2e}")
+
+
+# ---------------------------------------------------------------- the ggml-cpu patch (slow)
+
+@pytest.mark.slow
+def test_patched_flash_attention_kernels_match_ggml_reference(patched_lib):
+    """llama.cpp's own test-backend-ops, unmodified, compares the patched CPU flash-attention
+    kernels with ggml's reference implementation: every MLA case (K 576 / V 512, V a view of K),
+    every one-query (decode) case, where the grouped-query path runs, and the f16 prefill cases
+    of the tiled path."""
+    passed, n_run, out = llama_lib.run_op_test("FLASH_ATTN_EXT", r"hsk=576|nb=1,|nb=75,.*type_K=f16")
+    assert passed and n_run > 1500, out[-3000:]
+
+
+def _decode_case(tmp_path: Path, config, seed: int, n_prompt: int = 560, n_gen: int = 12):
+    """A latent f32 file, a prompt long enough that decoding reads >= 512 cached tokens (llama.cpp's
+    split-KV decode path) and is prefilled in tiles, and the torch reference for prompt + greedy."""
+    ckpt = write_tiny_checkpoint(tmp_path / f"PLM-{seed}", config, seed=seed)
+    latent = mla.rewrite_to_latent(convert(ckpt, tmp_path / f"stock-{seed}.gguf", "f32").outfile,
+                                   tmp_path / f"latent-{seed}.gguf")
+    prompt = np.random.default_rng(seed).integers(0, config.vocab_size - 40, n_prompt).tolist()
+    return latent, prompt, PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
+
+
+def _decoded_kl(reference, prompt, greedy, all_logits, n_gen):
+    with torch.no_grad():
+        ref = reference(torch.tensor(prompt + greedy)).numpy()
+    return compare_logits([ref[-n_gen:]], [all_logits[-n_gen:]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_type", [1, 8], ids=["f16-cache", "q8_0-cache"])
+def test_flash_attention_decode_over_a_long_cache_matches_reference(patched_lib, tmp_path, cache_type):
+    """Decoding with flash attention over 560+ cached tokens (the patched grouped-query kernel: all
+    query heads of the latent's one KV head per KV chunk) gives the torch reference's next-token
+    distributions, with an f16 and with a q8_0 latent cache."""
+    config = replace(Q8_CONFIG, max_position_embeddings=1024) if cache_type == 8 else \
+        replace(MLA_CONFIG, max_position_embeddings=1024)
+    n_gen = 12
+    latent, prompt, reference = _decode_case(tmp_path, config, seed=20 + cache_type, n_gen=n_gen)
+    env = llama_lib.lib_env(lib=patched_lib)
+    out = tmp_path / "fa"
+    _, greedy = llama_lib.run_logits(latent, [prompt], out, env=env, cache_type=cache_type, flash_attn=True,
+                                     greedy=n_gen)
+    all_logits = np.load(out / "all_logits_0.npy")
+    assert all_logits.shape[0] == len(prompt) + n_gen
+    stats = _decoded_kl(reference, prompt, greedy[0], all_logits, n_gen)
+    limit = 1e-5 if cache_type == 1 else 5e-3
+    assert stats.mean_kl <= limit and stats.top1 == 1.0, stats
+    print(f"flash attention decode at {len(prompt)}+ cached tokens, cache type {cache_type}: "
+          f"mean KL {stats.mean_kl:.2e}")

@@ -40,8 +40,9 @@ def convert(
     console.print(f"[green]wrote[/] {result.outfile} ({result.outtype}, {mib:,.1f} MiB) in {result.seconds:.1f} s, "
                   f"{speed:,.0f} MiB/s of checkpoint")
     console.print("tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(result.tensor_types.items())))
-    for name, wanted, got in result.fallbacks:
-        console.print(f"[yellow]fallback[/] {name}: rows do not fit {wanted} blocks, written as {got}")
+    for name, count, wanted, got in _group_fallbacks(result.fallbacks):
+        what = f"{name} ({count} tensors, one per block)" if count > 1 else name
+        console.print(f"[yellow]fallback[/] {what}: rows do not fit {wanted} blocks, written as {got}")
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")
     if kv_cache == "latent":
@@ -49,6 +50,17 @@ def convert(
                       "and deploy use llama.cpp with patches/llama.cpp applied")
     if verify_:
         _verify_and_print(model, result.outfile, threads)
+
+
+def _group_fallbacks(fallbacks: list[tuple[str, str, str]]) -> list[tuple[str, int, str, str]]:
+    """One line per tensor kind: blk.N.attn_k_b.weight of every block -> blk.*.attn_k_b.weight, N."""
+    import re
+
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for name, wanted, got in fallbacks:
+        groups.setdefault((re.sub(r"^blk\.\d+\.", "blk.*.", name), wanted, got), []).append(name)
+    return [(pattern if len(names) > 1 else names[0], len(names), wanted, got)
+            for (pattern, wanted, got), names in groups.items()]
 
 
 def verify(

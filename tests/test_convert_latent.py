@@ -49,3 +49,15 @@ def test_device_memory_check_counts_the_latent_cache(tmp_path, odd_checkpoint):
     assert device_kv(read_model(stock), 1024) == kv_cache_bytes(c, 1024)
     assert device_kv(read_model(latent), 1024) == kv_cache_bytes(c, 1024, latent=True)
     assert read_model(latent).latent and not read_model(stock).latent
+
+
+def test_cli_names_each_kind_of_fallback_once(tmp_path, odd_checkpoint):
+    """attn_k_b rows are qk_nope wide (12 here, 128 in PLM-1.8B: too narrow for K-quants): one line
+    for the tensor kind, not one per block."""
+    result = run_cli("convert", odd_checkpoint, "--outfile", tmp_path / "q8.gguf", "--outtype", "q8_0",
+                     "--kv-cache", "latent")
+    assert result.code == 0, result.stderr
+    lines = [l.strip() for l in result.stdout.splitlines() if l.startswith("fallback")]
+    assert "fallback blk.*.attn_k_b.weight (3 tensors, one per block): rows do not fit Q8_0 blocks, written as F16" \
+        in lines, result.stdout
+    assert len(lines) == len(set(lines)) and not any(l.startswith("fallback blk.0.") for l in lines), lines

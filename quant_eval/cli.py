@@ -32,19 +32,24 @@ def quantize(
     device: Optional[str] = typer.Option(None, "--device", help="Take the budget from a device profile: probed MemAvailable minus headroom."),
     out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (resumable); default sweep-<model>."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads"),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="full or latent: the KV-cache layout to quantize "
+                                           "(default: the source's; a checkpoint converts to full)."),
 ) -> None:
     """Quantize to one type, or sweep recipes: KL, top-1, perplexity, size, memory, speed."""
+    from plm_gguf.quant_eval.sweep import check_layout_request
+
     if sweep == bool(type_):
         raise UsageError("give either --type TYPE or --sweep", "plm-gguf quantize MODEL --sweep, or --type q4_k_m")
+    check_layout_request(kv_cache)
     corpus, corpus_name = _read_text(text)
     if type_:
         from plm_gguf.quant_eval.single import quantize_one
 
-        result = quantize_one(source, type_, outfile, force=force, text=corpus, threads=threads)
+        result = quantize_one(source, type_, outfile, force=force, text=corpus, threads=threads, kv_cache=kv_cache)
         console.print(f"[green]wrote[/] {result['outfile']} ({type_}, {result['file_bytes'] / 2**20:,.1f} MiB, "
                       f"{result['bpw']:.2f} bits/weight{', with an importance matrix' if result['imatrix'] else ''})")
         return
-    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads)
+    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache)
 
 
 def _read_text(text: Path | None) -> tuple[str, str]:
@@ -67,7 +72,7 @@ def _device_budget(name: str) -> tuple[float, str]:
     return mib, f"{name}: {facts.mem_available / 2**20:,.0f} MiB available - {profile.headroom_mib} MiB headroom"
 
 
-def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads) -> None:
+def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache) -> None:
     from plm_gguf.quant_eval import report as rep
     from plm_gguf.quant_eval.recipes import load_recipes, stock_recipes
     from plm_gguf.quant_eval.sweep import SweepOptions, run_sweep
@@ -80,7 +85,7 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
         budget_mb, budget_source = _device_budget(device)
     out = out or Path(f"sweep-{Path(str(source)).stem.split('/')[-1]}")
     options = SweepOptions(out=out, recipes=recipes, text=corpus, text_source=corpus_name, ctx=ctx, threads=threads,
-                           budget_mib=budget_mb, budget_source=budget_source)
+                           budget_mib=budget_mb, budget_source=budget_source, kv_cache=kv_cache)
     done = [0]
 
     def on_event(kind: str, data: dict) -> None:
@@ -91,6 +96,9 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
         elif kind == "skip":
             done[0] += 1
             console.print(f"[dim]{data['recipe']}: already measured, kept[/]")
+        elif kind == "unmatched":
+            console.print(f"[yellow]warning[/] {data['recipe']}: override {', '.join(map(repr, data['patterns']))} "
+                          "names no tensor of the base file: it changes nothing there")
         elif kind == "start":
             console.print(f"[{done[0] + 1}/{len(recipes)}] {data['recipe']} ...", end=" ")
         elif kind == "row":

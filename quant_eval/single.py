@@ -10,22 +10,26 @@ from pathlib import Path
 from plm_gguf.quant_eval.recipes import stock_recipes
 
 
-def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int) -> dict:
+def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int,
+                 kv_cache: str | None = None) -> dict:
     from plm_gguf.convert.quantize import quantize_file
     from plm_gguf.convert.writer import check_target, partial_path, convert
-    from plm_gguf.quant_eval.sweep import file_facts
+    from plm_gguf.quant_eval.sweep import check_layout_request, file_facts, gguf_in_layout
 
     recipe = stock_recipes([type_])[0]
+    check_layout_request(kv_cache)
     path = Path(source).expanduser()
     is_gguf = path.is_file()
     if not is_gguf and not recipe.uses_imatrix:  # plain llama.cpp type from a checkpoint: convert does it
-        result = convert(source, outfile, recipe.base, force=force, progress=True, threads=threads)
+        result = convert(source, outfile, recipe.base, force=force, progress=True, threads=threads,
+                         kv_cache=kv_cache or "full")
         return {"outfile": result.outfile, "imatrix": False, **file_facts(result.outfile)}
 
     target = outfile or Path.cwd() / f"{(path.stem if is_gguf else str(source).split('/')[-1])}-{type_.upper()}.gguf"
     check_target(target, force)
     with tempfile.TemporaryDirectory(prefix="plm-gguf-q-", dir=target.parent) as tmp, partial_path(target, ".partial") as out:
-        base = path if is_gguf else convert(source, Path(tmp) / "base.gguf", "auto").outfile
+        base = (gguf_in_layout(path, kv_cache, Path(tmp) / "base-latent.gguf") if is_gguf else
+                convert(source, Path(tmp) / "base.gguf", "auto", kv_cache=kv_cache or "full").outfile)
         imatrix = _imatrix_for(base, text, Path(tmp)) if recipe.uses_imatrix else None
         quantize_file(base, out, recipe.base, threads=threads, progress=True, imatrix=imatrix)
         os.replace(out, target)
@@ -44,5 +48,7 @@ def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
     run_worker(["tokenize", str(base), "--texts", str(tmp / "text.json"), "--out", str(tmp / "ids.json")])
     tokens = json.loads((tmp / "ids.json").read_text())[0]
     model = PLMForCausalLM.from_gguf(base, config_from_gguf(base))
-    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz")
+    from plm_gguf.convert.mla import is_latent
+
+    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz", latent=is_latent(base))
     return tmp / "imatrix.npz"

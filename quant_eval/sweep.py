@@ -47,6 +47,7 @@ class SweepOptions:
     imatrix_tokens: int = 4096
     budget_mib: float | None = None
     budget_source: str = ""
+    kv_cache: str | None = None  # full | latent: the layout to quantize; None: the source's (a checkpoint: full)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Sweep:
     config: PLMConfig
     report: dict = field(default_factory=dict)
     on_event: Callable[[str, dict], None] = lambda kind, data: None
+    tensor_names: list[str] = field(default_factory=list)  # the base file's, for the recipes' overrides
 
     @property
     def out(self) -> Path:
@@ -69,15 +71,41 @@ class Sweep:
         os.replace(tmp, self.out / "report.json")
 
 
-def prepare_base(source: str, out: Path, threads: int) -> tuple[Path, dict]:
-    """The unquantized GGUF to quantize from and compare against, and how it was checked."""
+def check_layout_request(kv_cache: str | None) -> None:
+    if kv_cache not in (None, "full", "latent"):
+        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
+
+
+def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
+    """PATH itself, or PATH rewritten into the latent layout at DEST (kv_cache "latent" for a
+    stock-layout file); a latent file cannot go back to full without its checkpoint."""
+    from plm_gguf.convert.mla import is_latent, rewrite_to_latent
+
+    check_layout_request(kv_cache)
+    latent = is_latent(path)
+    if kv_cache == "full" and latent:
+        raise UsageError(f"{path.name} has the latent KV-cache layout; --kv-cache full needs the stock one",
+                         "leave out --kv-cache (quantize the file as it is), or start from the checkpoint")
+    if kv_cache == "latent" and not latent:
+        if not dest.exists():
+            rewrite_to_latent(path, dest)
+        return dest
+    return path
+
+
+def prepare_base(source: str, out: Path, threads: int, kv_cache: str | None = None) -> tuple[Path, dict]:
+    """The unquantized GGUF to quantize from and compare against (in the layout asked for), and
+    how it was checked."""
+    check_layout_request(kv_cache)
     path = Path(source).expanduser()
     if path.is_file():
         file_type = gguf.LlamaFileType(int(read_gguf_info(path).get("general.file_type", 1024)))
         if file_type not in _UNQUANTIZED:
             raise UsageError(f"{path.name} is already quantized ({file_type.name})",
                              "sweep from the checkpoint or from its f32/bf16/f16 GGUF")
-        return path, {"source": str(path), "file_type": file_type.name, "verified": None}
+        base = gguf_in_layout(path, kv_cache, out / f"{path.stem}-latent.gguf")
+        return base, {"source": str(path), "file_type": file_type.name, "verified": None,
+                      **({"rewritten_to_latent_from": str(path)} if base != path else {})}
     from plm_gguf.checkpoint import Checkpoint, resolve_model
     from plm_gguf.convert.verify import verify
     from plm_gguf.convert.writer import convert
@@ -85,9 +113,9 @@ def prepare_base(source: str, out: Path, threads: int) -> tuple[Path, dict]:
     folder = resolve_model(source)
     dtype = Checkpoint(folder).source_dtype
     outtype = "bf16" if dtype == "BF16" else "f32"  # lossless either way
-    base = out / f"base-{outtype.upper()}.gguf"
+    base = out / f"base-{outtype.upper()}{'-latent' if kv_cache == 'latent' else ''}.gguf"
     if not base.exists():
-        convert(folder, base, outtype)
+        convert(folder, base, outtype, kv_cache=kv_cache or "full")
     check = verify(folder, base, threads=threads)
     stats = check.file_stats or check.stats
     info = {"source": str(source), "file_type": check.file_type, "verified": check.passed,
@@ -105,12 +133,13 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
         base_info = previous["base_info"]
         base = Path(base_info["gguf"])
     else:
-        base, base_info = prepare_base(source, out, options.threads)
+        base, base_info = prepare_base(source, out, options.threads, options.kv_cache)
         base_info["gguf"] = str(base)
     config = config_from_gguf(base)
-    sweep = Sweep(options, base, config, on_event=on_event)
+    sweep = Sweep(options, base, config, on_event=on_event, tensor_names=list(read_gguf_info(base).tensors))
     sweep.report = {
-        "version": REPORT_VERSION, "source": str(source), "ctx": options.ctx, "text": options.text_source,
+        "version": REPORT_VERSION, "source": str(source), "kv_cache": options.kv_cache, "ctx": options.ctx,
+        "text": options.text_source,
         "threads": options.threads, "base_info": base_info, "reference": previous.get("reference"),
         "rows": previous.get("rows", {}), "recommendation": None,
     }
@@ -125,6 +154,9 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
         if row and row.get("key") == recipe.key and (row["status"] == "failed" or (out / row["file"]).exists()):
             on_event("skip", row)
             continue
+        unmatched = unmatched_overrides(recipe, sweep.tensor_names)
+        if unmatched:
+            on_event("unmatched", {"recipe": recipe.name, "patterns": unmatched})
         on_event("start", {"recipe": recipe.name})
         row = _measure(sweep, recipe, tokens, imatrix)
         sweep.report["rows"][recipe.name] = row
@@ -153,6 +185,7 @@ def _load_previous(out: Path, source: str, options: SweepOptions) -> dict:
     except json.JSONDecodeError:
         return {}
     same = (old.get("version") == REPORT_VERSION and old.get("source") == str(source)
+            and old.get("kv_cache") == options.kv_cache
             and old.get("ctx") == options.ctx and old.get("text") == options.text_source
             and (out / "tokens.json").exists() and (out / "reference-logprobs.npy").exists())
     return old if same else {}
@@ -179,7 +212,10 @@ def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
 
         sweep.on_event("imatrix", {})
         model = PLMForCausalLM.from_gguf(sweep.base, sweep.config)
-        compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], path.with_suffix(".tmp.npz"), n_ctx=sweep.options.ctx)
+        from plm_gguf.convert.mla import is_latent
+
+        compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], path.with_suffix(".tmp.npz"),
+                        n_ctx=sweep.options.ctx, latent=is_latent(sweep.base))
         os.replace(path.with_suffix(".tmp.npz"), path)
     return path
 
@@ -206,6 +242,9 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
 
     row = {"recipe": recipe.name, "key": recipe.key, "base": recipe.base, "overrides": recipe.overrides,
            "description": recipe.description, "imatrix": recipe.uses_imatrix, "file": f"models/{recipe.name}.gguf"}
+    unmatched = unmatched_overrides(recipe, sweep.tensor_names)
+    if unmatched:  # those overrides change nothing: the row says so
+        row["unmatched_overrides"] = unmatched
     target = sweep.out / row["file"]
     tmp = target.with_name(f".{target.name}.partial")
     start = time.perf_counter()
@@ -226,6 +265,14 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
     row["ppl_ratio"] = row["ppl"] / ref["ppl"]
     row["memory_mib"] = row["file_bytes"] / 2**20 + row.get("kv_mib", row["kv_mib_expected"]) + row.get("compute_mib", 0)
     return row
+
+
+def unmatched_overrides(recipe: Recipe, tensor_names: list[str]) -> list[str]:
+    """The recipe's override patterns that name no tensor of the file (llama.cpp applies them
+    with regex_search, first match wins)."""
+    import re
+
+    return [p for p in recipe.overrides if not any(re.search(p, name) for name in tensor_names)]
 
 
 def file_facts(path: Path) -> dict:

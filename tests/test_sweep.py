@@ -106,12 +106,21 @@ def test_sweep_command(tmp_path):
 
 
 def test_quantize_one_file(tmp_path):
-    result = run_cli("quantize", TRAINED, "--type", "q4_k_m", "--outfile", tmp_path / "q.gguf")
-    assert result.code == 0, result.stderr
+    from plm_gguf.convert.mla import is_latent
     from plm_gguf.quant_eval.sweep import file_facts
 
+    result = run_cli("quantize", TRAINED, "--type", "q4_k_m", "--outfile", tmp_path / "q.gguf")
+    assert result.code == 0, result.stderr
     facts = file_facts(tmp_path / "q.gguf")
     assert 4.5 < facts["bpw"] < 6.5 and facts["types"]["ffn_up"] == ["Q4_K"]
+    result = run_cli("quantize", TRAINED, "--type", "q4_k_m", "--kv-cache", "latent", "--outfile", tmp_path / "l.gguf")
+    assert result.code == 0, result.stderr
+    assert is_latent(tmp_path / "l.gguf") and "attn_v_b" in file_facts(tmp_path / "l.gguf")["types"]
+    assert_clean_error(run_cli("quantize", TRAINED, "--type", "q4_k_m", "--kv-cache", "mla", "--outfile",
+                               tmp_path / "x.gguf"), "--kv-cache 'mla' is not a layout")
+    assert_clean_error(run_cli("quantize", tmp_path / "l.gguf", "--type", "q4_0", "--kv-cache", "full", "--outfile",
+                               tmp_path / "x.gguf"), "has the latent KV-cache layout")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_default_recipes_and_validation(tmp_path):
@@ -141,3 +150,51 @@ def test_pareto_and_recommendation_logic():
     assert recommend(rows, 250, "t")["recipe"] == "b"
     assert recommend(rows, 1000, "t")["recipe"] == "a"
     assert recommend(rows, 100, "t")["recipe"] is None
+
+
+@pytest.mark.slow
+def test_sweep_of_the_latent_layout(tmp_path):
+    """--kv-cache latent: the base converted in the absorbed-MLA layout and verified on the patched
+    llama.cpp; the MLA mixes reach attn_k_b/attn_v_b; the importance matrix has their per-head
+    slices (llama.cpp refuses a wrongly sized one); an override naming no tensor is reported."""
+    from plm_gguf.convert.mla import is_latent
+
+    recipes = stock_recipes(["q8_0", "q2_k"]) + [
+        Recipe("q4_0+mla8", "q4_0", {r"attn_kv_a_mqa\.weight": "q8_0", r"attn_(kv_b|k_b|v_b)\.weight": "q8_0"}),
+        Recipe("q4_0+stale", "q4_0", {r"attn_kv_b\.weight": "q8_0"}),
+    ]
+    events = []
+    sweep = run_sweep(str(TRAINED), _options(tmp_path / "s", recipes, kv_cache="latent"),
+                      on_event=lambda kind, data: events.append((kind, data)))
+    report = sweep.report
+    assert is_latent(sweep.base) and report["base_info"]["verified"] is True and report["kv_cache"] == "latent"
+    rows = report["rows"]
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["q8_0"]["kl_mean"] < rows["q2_k"]["kl_mean"] and rows["q2_k"]["imatrix"]
+    assert rows["q4_0+mla8"]["types"]["attn_k_b"] == ["Q8_0"] and rows["q4_0+mla8"]["types"]["attn_v_b"] == ["Q8_0"]
+    assert "attn_kv_b" not in rows["q8_0"]["types"]
+    assert rows["q4_0+stale"]["unmatched_overrides"] == [r"attn_kv_b\.weight"]
+    assert ("unmatched", {"recipe": "q4_0+stale", "patterns": [r"attn_kv_b\.weight"]}) in events
+    for r in rows.values():  # llama.cpp allocates the latent cache we count
+        assert r["kv_mib"] == pytest.approx(r["kv_mib_expected"], abs=0.01)
+
+
+def test_imatrix_has_the_latent_layouts_per_head_slices(tmp_path):
+    import numpy as np
+
+    from plm_gguf.checkpoint import Checkpoint
+    from plm_gguf.quant_eval.imatrix import compute_imatrix
+    from plm_gguf.reference import PLMForCausalLM
+
+    model = PLMForCausalLM.from_checkpoint(Checkpoint(TRAINED))
+    c = model.config
+    tokens = list(range(300, 428))
+    compute_imatrix(model, tokens, tmp_path / "full.npz", n_ctx=64)
+    compute_imatrix(model, tokens, tmp_path / "latent.npz", n_ctx=64, latent=True)
+    full, latent = np.load(tmp_path / "full.npz"), np.load(tmp_path / "latent.npz")
+    assert "blk.0.attn_kv_b.weight" in full and "blk.0.attn_kv_b.weight" not in latent
+    # llama.cpp wants ne0 * ne2 values for a 3D tensor: one slice per head
+    v_b, k_b = latent["blk.0.attn_v_b.weight"], latent["blk.0.attn_k_b.weight"]
+    assert v_b.shape == (c.kv_lora_rank * c.n_head,) and k_b.shape == (c.qk_nope_head_dim * c.n_head,)
+    np.testing.assert_array_equal(v_b[: c.kv_lora_rank], full["blk.0.attn_kv_b.weight"])
+    assert np.all(k_b > 0) and not np.allclose(k_b[: c.qk_nope_head_dim], k_b[c.qk_nope_head_dim: 2 * c.qk_nope_head_dim])

@@ -7,7 +7,8 @@ For each context size and each pair (stock, latent), alternating within the pair
 KV-cache report (`python -m plm_gguf.llama_lib probe`), then prompt and generation tokens/s
 (`python -m plm_gguf.llama_lib bench`: a prompt of ctx - n_gen tokens in batches of 512, then
 n_gen tokens one decode each at that depth), both on the patched host library, f16 KV cache,
-flash attention off. Writes benchmarks/results/mla.{md,json} with the load and the CPU share other
+flash attention off (with --flash-attn, the latent file once more with it on: stock PLM
+aborts with flash attention). Writes benchmarks/results/mla.{md,json} with the load and the CPU share other
 processes used during each run. Not part of the test suite.
 """
 
@@ -39,9 +40,10 @@ def describe(path: Path) -> dict:
             "size_mib": round(path.stat().st_size / 2**20, 1), "file_type": info.fields.get("general.file_type")}
 
 
-def bench_once(model: Path, ctx: int, n_gen: int, threads: int, env: dict, log_file: Path) -> dict:
-    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "bench", str(model), "--n-ctx", str(ctx),
-           "--n-gen", str(n_gen), "--threads", str(threads)]
+def bench_once(model: Path, ctx: int, n_gen: int, threads: int, env: dict, log_file: Path,
+               flash_attn: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "bench", str(model), "--lib-from-env", "--n-ctx", str(ctx),
+           "--n-gen", str(n_gen), "--threads", str(threads)] + (["--flash-attn"] if flash_attn else [])
     sample = measure([cmd], log_file, drop=False, env=env)
     said = [l for l in log_file.read_text().splitlines() if l.startswith('{"model"')]
     if not said:
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--flash-attn", action="store_true", help="also run each latent file with flash attention")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     if len(a.files) % 2:
@@ -71,15 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ctx in [int(c) for c in a.ctx.split(",")]:
         for stock, latent in pairs:
-            for model in (stock, latent):
+            group = [(stock, False), (latent, False)] + ([(latent, True)] if a.flash_attn else [])
+            for model, fa in group:
                 kv = llama_lib.probe(model, n_ctx=ctx, env=env)
                 if not kv["ok"]:
                     raise SystemExit(f"{model.name} does not load: {kv['error']}")
-                rows.append({**describe(model), "ctx": ctx, "kv_cache_mib": kv["kv_cache"]["total_mib"], "runs": []})
+                rows.append({**describe(model), "ctx": ctx, "kv_cache_mib": kv["kv_cache"]["total_mib"],
+                             "flash_attn": fa, "runs": []})
             for rep in range(a.repeat):
-                for row in rows[-2:]:  # stock, latent, stock, latent, ...
-                    log(f"ctx {ctx} {row['name']} run {rep + 1}/{a.repeat}")
-                    run = bench_once(Path(row["file"]), ctx, a.n_gen, a.threads, env, WORK / f"{row['name']}-{ctx}.log")
+                for row in rows[-len(group):]:  # stock, latent, stock, latent, ...
+                    fa = row["flash_attn"]
+                    log(f"ctx {ctx} {row['name']}{' flash attention' if fa else ''} run {rep + 1}/{a.repeat}")
+                    run = bench_once(Path(row["file"]), ctx, a.n_gen, a.threads, env,
+                                     WORK / f"{row['name']}-{ctx}{'-fa' if fa else ''}.log", fa)
                     log(f"  prompt {run['prompt_tok_s']} tok/s, generation {run['gen_tok_s']} tok/s, "
                         f"others used {run['others_cpu']:.0%} of the CPU")
                     row["runs"].append(run)
@@ -92,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (a.out / "mla.json").write_text(json.dumps({"command": command, "when": stamp, "rows": rows}, indent=2) + "\n")
     lines = [f"# Absorbed MLA vs stock layout ({stamp})", "", f"`{command}`", "",
-             f"Patched host library, f16 KV cache, flash attention off, {a.threads} threads, median of "
+             f"Patched host library, f16 KV cache, flash attention off unless the row says so, {a.threads} threads, median of "
              f"{a.repeat} run(s). Prompt: ctx - {a.n_gen} tokens in batches of 512; generation: {a.n_gen} "
              "tokens at that depth. `others` is the largest share of the CPU other processes used during a run.",
              "", "| file | layout | size MiB | ctx | KV cache MiB | prompt tok/s | gen tok/s | others |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['layout']} | {r['size_mib']} | {r['ctx']} | {r['kv_cache_mib']:.2f} | "
+        layout = r["layout"] + (" + flash attn" if r["flash_attn"] else "")
+        lines.append(f"| {r['name']} | {layout} | {r['size_mib']} | {r['ctx']} | {r['kv_cache_mib']:.2f} | "
                      f"{r['prompt_tok_s']:.2f} | {r['gen_tok_s']:.2f} | {r['others_cpu_max']:.0%} |")
     (a.out / "mla.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

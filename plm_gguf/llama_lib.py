@@ -321,12 +321,18 @@ def parse_kv_cache(log_text: str) -> dict | None:
 
 
 def probe(model: str | os.PathLike[str], *, n_ctx: int = 4096, f32_cache: bool = False,
-          env: dict | None = None, timeout: float = 600) -> dict:
+          cache_type: int | None = None, flash_attn: bool = False, env: dict | None = None,
+          timeout: float = 600) -> dict:
     """Load MODEL in a child process (with env, e.g. lib_env()) and return llama.cpp's report:
-    {"ok": bool, "kv_cache": {...} | None, "error": first error line | None, "lib": path}."""
-    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "probe", str(model), "--n-ctx", str(n_ctx)]
+    {"ok": bool, "kv_cache": {...} | None, "error": first error line | None, "lib": path}.
+    The cache is f16 unless f32_cache or cache_type (a ggml type id: 8 = q8_0) says otherwise."""
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "probe", str(model), "--n-ctx", str(n_ctx), "--lib-from-env"]
     if f32_cache:
         cmd.append("--f32-cache")
+    if cache_type is not None:
+        cmd += ["--cache-type", str(cache_type)]
+    if flash_attn:
+        cmd.append("--flash-attn")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if lines:
@@ -335,7 +341,8 @@ def probe(model: str | os.PathLike[str], *, n_ctx: int = 4096, f32_cache: bool =
     return {"ok": False, "kv_cache": None, "error": f"the probe died (exit {proc.returncode}): {said}", "lib": None}
 
 
-def _probe_child(model: str, n_ctx: int, f32_cache: bool) -> None:
+def _probe_child(model: str, n_ctx: int, f32_cache: bool, cache_type: int | None = None,
+                 flash_attn: bool = False) -> None:
     import llama_cpp
 
     captured: list[str] = []
@@ -345,12 +352,13 @@ def _probe_child(model: str, n_ctx: int, f32_cache: bool) -> None:
         captured.append(text.decode("utf-8", errors="replace"))
 
     llama_cpp.llama_log_set(log, None)
-    cache_type = 0 if f32_cache else 1  # GGML_TYPE_F32 / GGML_TYPE_F16
+    if cache_type is None:
+        cache_type = 0 if f32_cache else 1  # GGML_TYPE_F32 / GGML_TYPE_F16
     report = {"ok": False, "kv_cache": None, "error": None,
               "lib": os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")}
     try:
         llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
-                              flash_attn=False, type_k=cache_type, type_v=cache_type, verbose=True)
+                              flash_attn=flash_attn, type_k=cache_type, type_v=cache_type, verbose=True)
         report["ok"] = True
         del llm
     except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -423,7 +431,7 @@ def run_logits(model: str | os.PathLike[str], sequences: list[list[int]], out: P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokens.json").write_text(json.dumps(sequences))
-    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "run", str(model), "--tokens", str(out / "tokens.json"),
+    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "run", str(model), "--lib-from-env", "--tokens", str(out / "tokens.json"),
            "--out", str(out), "--cache-type", str(cache_type), "--greedy", str(greedy)]
     if flash_attn:
         cmd.append("--flash-attn")
@@ -448,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--f32-cache", action="store_true")
+    p.add_argument("--cache-type", type=int, default=None, help="ggml type of the KV cache (1 = f16, 8 = q8_0)")
+    p.add_argument("--flash-attn", action="store_true", help="(a quantized cache needs it)")
     q = sub.add_parser("bench", help="prompt and generation tok/s at a context size (child process)")
     q.add_argument("model")
     q.add_argument("--n-ctx", type=int, default=512)
@@ -465,7 +475,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--cache-type", type=int, default=0)
     r.add_argument("--flash-attn", action="store_true")
     r.add_argument("--greedy", type=int, default=0)
+    for child in (p, q, r):  # without it, a latent file gets the patched library (what a user typing it wants)
+        child.add_argument("--lib-from-env", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
+    if a.cmd in ("probe", "bench", "run") and not a.lib_from_env and "LLAMA_CPP_LIB_PATH" not in os.environ:
+        from plm_gguf.convert.mla import is_latent
+
+        if os.path.isfile(a.model) and is_latent(a.model):  # set before llama_cpp is first imported
+            os.environ["LLAMA_CPP_LIB_PATH"] = str(build())
     if a.cmd == "build":
         try:
             lib = build(force=a.force, log=(lambda l: print(l, file=sys.stderr)) if a.verbose else None)
@@ -489,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "bench":
         _bench_child(a.model, a.n_ctx, a.n_gen, a.threads, a.cache_type, a.flash_attn)
     else:
-        _probe_child(a.model, a.n_ctx, a.f32_cache)
+        _probe_child(a.model, a.n_ctx, a.f32_cache, a.cache_type, a.flash_attn)
 
 
 if __name__ == "__main__":

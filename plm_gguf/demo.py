@@ -2,7 +2,9 @@
 
 No weights can be downloaded here, so the demo writes a PLM checkpoint with the real schema
 (and the real Qwen2 vocabulary), then converts it, verifies each file against the torch
-reference, and runs the later stages that are installed.
+reference, and runs the later stages that are installed. The f32 and q4_k_m files are also
+written in the absorbed-MLA layout (--kv-cache latent), verified and deployed beside the stock
+ones, so the KV caches can be compared.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.table import Table
 console = Console(highlight=False)
 
 DEMO_TYPES = ("f32", "bf16", "f16", "q8_0", "q4_k_m")
+LATENT_TYPES = ("f32", "q4_k_m")  # the absorbed-MLA layout, run on the patched llama.cpp
 
 
 def register(app: typer.Typer) -> None:
@@ -45,16 +48,19 @@ def demo(
 
     console.rule("2. convert and verify")
     table = Table()
-    for col in ("type", "MiB", "convert s", "file vs checkpoint KL", "llama.cpp KL", "top-1", "verdict"):
+    for col in ("type", "KV layout", "MiB", "convert s", "file vs checkpoint KL", "llama.cpp KL", "top-1", "verdict"):
         table.add_column(col, justify="right")
     files = {}
-    for outtype in DEMO_TYPES:
-        result = convert(ckpt_dir, workdir / f"plm-demo-{outtype.upper()}.gguf", outtype, force=True)
-        files[outtype] = result.outfile
+    runs = [(t, "full") for t in DEMO_TYPES] + [(t, "latent") for t in LATENT_TYPES]
+    for outtype, layout in runs:
+        suffix = "" if layout == "full" else "-latent"
+        result = convert(ckpt_dir, workdir / f"plm-demo-{outtype.upper()}{suffix}.gguf", outtype, force=True,
+                         kv_cache=layout)
+        files[outtype + suffix] = result.outfile
         check = verify(ckpt_dir, result.outfile)
         verdict = "reported" if check.threshold is None else ("pass" if check.passed else "FAIL")
         file_kl = "-" if check.file_stats is None else f"{check.file_stats.mean_kl:.2g}"
-        table.add_row(outtype, f"{result.nbytes / 2**20:.1f}", f"{result.seconds:.2f}", file_kl,
+        table.add_row(outtype, layout, f"{result.nbytes / 2**20:.1f}", f"{result.seconds:.2f}", file_kl,
                       f"{check.stats.mean_kl:.2g}", f"{check.stats.top1:.1%}", verdict)
     console.print(table)
 
@@ -64,6 +70,8 @@ def demo(
     if deploy:
         console.rule("4. deploy to this machine (host profile) and benchmark")
         _command("deploy", files["q4_k_m"], "--device", "host", "--ctx", "512", "--bench")
+        console.rule("5. the same model in the absorbed-MLA layout: latent KV cache, flash attention")
+        _command("deploy", files["q4_k_m-latent"], "--device", "host", "--ctx", "512", "--bench")
 
 
 def _command(*args) -> None:

@@ -171,7 +171,12 @@ def test_sweep_of_the_latent_layout(tmp_path):
     rows = report["rows"]
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["q8_0"]["kl_mean"] < rows["q2_k"]["kl_mean"] and rows["q2_k"]["imatrix"]
-    assert rows["q4_0+mla8"]["types"]["attn_k_b"] == ["Q8_0"] and rows["q4_0+mla8"]["types"]["attn_v_b"] == ["Q8_0"]
+    # the mix reaches the latent layout's tensors (the stale pattern does not: that row is plain q4_0)
+    assert rows["q4_0+mla8"]["types"]["attn_v_b"] == ["Q8_0"] and rows["q4_0+stale"]["types"]["attn_v_b"] == ["Q4_0"]
+    assert rows["q4_0+mla8"]["types"]["attn_kv_a_mqa"] == ["Q8_0"]
+    # attn_k_b rows are qk_nope = 48 wide here: no 32-block type fits, llama.cpp keeps them F16
+    # (PLM-1.8B's are 128 wide: Q8_0 fits there, K-quants fall back)
+    assert rows["q4_0+mla8"]["types"]["attn_k_b"] == rows["q4_0+stale"]["types"]["attn_k_b"] == ["F16"]
     assert "attn_kv_b" not in rows["q8_0"]["types"]
     assert rows["q4_0+stale"]["unmatched_overrides"] == [r"attn_kv_b\.weight"]
     assert ("unmatched", {"recipe": "q4_0+stale", "patterns": [r"attn_kv_b\.weight"]}) in events

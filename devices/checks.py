@@ -66,10 +66,15 @@ class MemoryPlan:
         return self.needed <= self.available
 
     def describe(self) -> str:
-        return (f"weights {self.weights / MIB:.0f} MiB + KV cache {self.kv_cache / MIB:.0f} MiB at ctx {self.ctx} "
-                f"+ compute {self.compute / MIB:.0f} MiB{' (flash attention)' if self.flash_attn else ''} "
-                f"+ headroom {self.headroom / MIB:.0f} MiB "
-                f"= {self.needed / MIB:.0f} MiB vs MemAvailable {self.available / MIB:.0f} MiB")
+        return (f"weights {_mib(self.weights)} MiB + KV cache {_mib(self.kv_cache)} MiB at ctx {self.ctx} "
+                f"+ compute {_mib(self.compute)} MiB{' (flash attention)' if self.flash_attn else ''} "
+                f"+ headroom {_mib(self.headroom)} MiB "
+                f"= {_mib(self.needed)} MiB vs MemAvailable {_mib(self.available)} MiB")
+
+
+def _mib(n: int) -> str:
+    """Whole MiB, with one decimal below 10 MiB (a small model's KV cache would read 0 or 1)."""
+    return f"{n / MIB:.1f}" if n < 10 * MIB else f"{n / MIB:.0f}"
 
 
 def read_model(path: Path) -> ModelInfo:

@@ -148,6 +148,11 @@ def test_flash_attention_auto_is_on_for_latent_files_and_refused_for_stock_ones(
     assert plan.flash_attn and "(flash attention)" in plan.describe()
 
 
+def test_memory_plan_shows_small_caches_to_a_tenth_of_a_mib():
+    plan = checks.MemoryPlan(512, 37 * MIB, 557_056, 29 * MIB, 512 * MIB, 20_000 * MIB)
+    assert "KV cache 0.5 MiB at ctx 512" in plan.describe() and "headroom 512 MiB" in plan.describe()
+
+
 def test_flash_attention_keeps_no_score_matrix_in_the_compute_buffer():
     latent = PLM_1_8B_Q4KM_MLA.as_latent()
     scores = 4096 * checks.UBATCH * 16 * 4  # KQ [ctx, ubatch, n_head] in f32: 128 MiB at ctx 4096

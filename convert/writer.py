@@ -95,6 +95,15 @@ def default_outfile(folder: Path, model: str, outtype: str) -> Path:
     return Path.cwd() / f"{stem}-{outtype.upper()}.gguf"
 
 
+KV_LAYOUTS = ("full", "latent")
+
+
+def check_kv_layout(kv_cache: str) -> None:
+    """--kv-cache: full (stock llama.cpp) or latent (absorbed MLA, patched llama.cpp)."""
+    if kv_cache not in KV_LAYOUTS:
+        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
+
+
 def convert(
     model: str | os.PathLike[str],
     outfile: str | os.PathLike[str] | None = None,
@@ -109,8 +118,7 @@ def convert(
     """Convert a PLM checkpoint (folder or Hugging Face repo id) to GGUF. Everything is checked
     (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written."""
     outtype = parse_outtype(outtype)  # fail fast on a typo, before any download
-    if kv_cache not in ("full", "latent"):
-        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
+    check_kv_layout(kv_cache)
     if outtype in NEEDS_IMATRIX:
         raise UsageError(f"{outtype} needs an importance matrix, which convert does not compute",
                          "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")

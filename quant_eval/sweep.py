@@ -72,8 +72,11 @@ class Sweep:
 
 
 def check_layout_request(kv_cache: str | None) -> None:
-    if kv_cache not in (None, "full", "latent"):
-        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
+    """--kv-cache for quantize: a layout, or None for the source's own."""
+    from plm_gguf.convert.writer import check_kv_layout
+
+    if kv_cache is not None:
+        check_kv_layout(kv_cache)
 
 
 def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
@@ -81,7 +84,6 @@ def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
     stock-layout file); a latent file cannot go back to full without its checkpoint."""
     from plm_gguf.convert.mla import is_latent, rewrite_to_latent
 
-    check_layout_request(kv_cache)
     latent = is_latent(path)
     if kv_cache == "full" and latent:
         raise UsageError(f"{path.name} has the latent KV-cache layout; --kv-cache full needs the stock one",
@@ -96,7 +98,6 @@ def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
 def prepare_base(source: str, out: Path, threads: int, kv_cache: str | None = None) -> tuple[Path, dict]:
     """The unquantized GGUF to quantize from and compare against (in the layout asked for), and
     how it was checked."""
-    check_layout_request(kv_cache)
     path = Path(source).expanduser()
     if path.is_file():
         file_type = gguf.LlamaFileType(int(read_gguf_info(path).get("general.file_type", 1024)))
@@ -125,6 +126,7 @@ def prepare_base(source: str, out: Path, threads: int, kv_cache: str | None = No
 
 
 def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict], None] = lambda k, d: None) -> Sweep:
+    check_layout_request(options.kv_cache)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
@@ -158,7 +160,7 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
         if unmatched:
             on_event("unmatched", {"recipe": recipe.name, "patterns": unmatched})
         on_event("start", {"recipe": recipe.name})
-        row = _measure(sweep, recipe, tokens, imatrix)
+        row = _measure(sweep, recipe, tokens, imatrix, unmatched)
         sweep.report["rows"][recipe.name] = row
         sweep.save()
         on_event("row", row)
@@ -237,12 +239,12 @@ def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str) -> dict:
     return result
 
 
-def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | None) -> dict:
+def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | None,
+             unmatched: list[str] | None = None) -> dict:
     from plm_gguf.convert.quantize import quantize_file
 
     row = {"recipe": recipe.name, "key": recipe.key, "base": recipe.base, "overrides": recipe.overrides,
            "description": recipe.description, "imatrix": recipe.uses_imatrix, "file": f"models/{recipe.name}.gguf"}
-    unmatched = unmatched_overrides(recipe, sweep.tensor_names)
     if unmatched:  # those overrides change nothing: the row says so
         row["unmatched_overrides"] = unmatched
     target = sweep.out / row["file"]

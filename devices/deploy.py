@@ -233,7 +233,7 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch, flash_attn)
     n_threads = threads or checks.default_threads(profile.threads, facts)
     progress("build", profile.name)
-    built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch,
+    built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch, server=bool(serve_port),
                             log=lambda line: progress("build", line))
     folder = _abs_dir(profile.install_dir, facts)
     files = {**built.binaries, model.path.name: model.path}
@@ -246,15 +246,15 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
                           ctx, n_threads, plan, sent, skipped, resumed, warnings)
     result.kernels = [f for f in ("i8mm", "asimddp", "fphp") if f in built.manifest.get("uses", ())]
     if built.manifest.get("toolchain") == "native":
-        result.kernels = ["native"]
+        result.kernels = [f"{built.manifest.get('isa', 'host')} (self-checked)"]
     if smoke:
         progress("smoke", "llama-completion")
         result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,
-                                         flash_attn=plan.flash_attn)
+                                         flash_attn=plan.flash_attn, manifest=built.manifest)
     if bench:
         progress("bench", f"llama-bench -p {bench_prompt} -n {bench_gen} -t {n_threads}")
         result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen,
-                                 flash_attn=plan.flash_attn)
+                                 flash_attn=plan.flash_attn, manifest=built.manifest)
     if serve_port:
         progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
         result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,

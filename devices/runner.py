@@ -41,11 +41,38 @@ class ServerInfo:
     forward: str  # what was set up, or the command the user runs to reach the server
 
 
-def _fail(what: str, result, profile: Profile) -> DeviceError:
+# /proc/cpuinfo feature -> what a person calls the extension, newest (likeliest to be missing) first
+ARM_EXTENSIONS = (("sve2", "SVE2"), ("sve", "SVE"), ("i8mm", "i8mm (int8 matrix multiply)"),
+                  ("asimddp", "dotprod (int8 dot product)"), ("asimdhp", "fp16 arithmetic"),
+                  ("fphp", "fp16 arithmetic"))
+
+
+def sigill_hint(profile: Profile, manifest: dict | None) -> str:
+    """Which extension the build probably used that this CPU cannot run, and the setting that avoids it."""
+    manifest = manifest or {}
+    if (manifest.get("toolchain") or profile.target.toolchain) == "native":
+        level = manifest.get("isa", "?")
+        features = " ".join(manifest.get("isa_features", ())) or "baseline"
+        newest = (manifest.get("isa_features") or ["?"])[-1]
+        return (f"the host build is for {level} ({features}); the likeliest culprit is {newest}: "
+                f"set PLM_GGUF_HOST_ISA to a lower level (e.g. haswell, the AVX2 baseline) and deploy again")
+    uses = list(manifest.get("uses", profile.target.uses))
+    used = [name for feature, name in ARM_EXTENSIONS if feature in uses]
+    mcpu = manifest.get("mcpu", profile.target.mcpu) or "generic"
+    if used:
+        return (f"the {profile.name} build uses {', '.join(dict.fromkeys(used))} (target.mcpu = \"{mcpu}\"); "
+                f"the likeliest culprit is {used[0]}: deploy with a profile for an older CPU (rpi4 or "
+                f"linux-aarch64 run any armv8-a), or set target.mcpu and target.uses in your profile to what "
+                f"the device's /proc/cpuinfo lists")
+    return (f"the {profile.name} build (target.mcpu = \"{mcpu}\") is already the armv8-a baseline: "
+            "check that the device is 64-bit ARM (uname -m) and that the profile's exec_wrapper is right")
+
+
+def _fail(what: str, result, profile: Profile, manifest: dict | None = None) -> DeviceError:
     code = 128 - result.returncode if result.returncode < 0 else result.returncode  # -4 (local) == 132 (shell)
     why = SIGNALS.get(code, f"exit {code}")
     tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
-    hint = ("pick the profile that matches the device's CPU" if code == 132 else
+    hint = (sigill_hint(profile, manifest) if code == 132 else
             "lower --ctx or use a smaller model" if code == 137 else
             "the last lines were: " + " | ".join(tail)[:400])
     return DeviceError(f"{what} failed on {profile.name}: {why}", hint)
@@ -56,13 +83,13 @@ def _fa(flash_attn: bool, on: str = "on", off: str = "off") -> str:
 
 
 def smoke_test(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-               n_predict: int = 8, flash_attn: bool = False) -> str:
+               n_predict: int = 8, flash_attn: bool = False, manifest: dict | None = None) -> str:
     """A short greedy generation; returns the text printed (prompt and continuation)."""
     cmd = exec_argv(profile, f"{folder}/llama-completion", "-m", model, "-p", SMOKE_PROMPT, "-n", str(n_predict),
                     "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), "-no-cnv", "--temp", "0", "-s", "1")
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=600, check=False)
     if not result.ok:
-        raise _fail("the smoke generation", result, profile)
+        raise _fail("the smoke generation", result, profile, manifest)
     return result.stdout.strip()
 
 
@@ -87,13 +114,14 @@ def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
 
 
 def run_bench(transport: Transport, profile: Profile, folder: str, model: str, threads: int,
-              n_prompt: int = 64, n_gen: int = 16, reps: int = 2, flash_attn: bool = False) -> BenchResult:
+              n_prompt: int = 64, n_gen: int = 16, reps: int = 2, flash_attn: bool = False,
+              manifest: dict | None = None) -> BenchResult:
     before = read_temperature(transport)
     cmd = exec_argv(profile, f"{folder}/llama-bench", "-m", model, "-t", str(threads), "-p", str(n_prompt),
                     "-n", str(n_gen), "-r", str(reps), "-fa", _fa(flash_attn, "1", "0"), "-o", "json")
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=1800, check=False)
     if not result.ok:
-        raise _fail("llama-bench", result, profile)
+        raise _fail("llama-bench", result, profile, manifest)
     after = read_temperature(transport)
     prompt_tps, gen_tps, used, np_, ng, records = parse_bench_json(result.stdout)
     return BenchResult(prompt_tps, gen_tps, used or threads, np_, ng, before, after, records)

@@ -20,17 +20,15 @@ import os
 import platform
 import re
 import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
-from plm_gguf import llama_lib
 from plm_gguf.cache import cache_dir, llama_cpp_source
 from plm_gguf.errors import DeviceError, LlamaCppError, UsageError
+from plm_gguf.llama import patches as llama_patches
+from plm_gguf.llama.build import BuildProgress, cached_entry, cmake_build
+from plm_gguf.llama.host import find_host_build, host_build, host_key
 
 from .profiles import Profile, TargetSpec
 
@@ -44,7 +42,7 @@ STOCK_HINT = ("build stock llama.cpp with --no-mla-patch; it runs files converte
 
 COMMON_CMAKE = [
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
-    "-DGGML_OPENMP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DGGML_OPENMP=OFF", "-DGGML_CCACHE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
 ]
@@ -92,20 +90,6 @@ def resolve_source(path: str | Path | None = None) -> tuple[Path, str]:
     return llama_cpp_source(version), f"lcp{version}"
 
 
-def _tool(module: str, attr: str, exe: str) -> str:
-    try:
-        mod = __import__(module)
-        candidate = Path(getattr(mod, attr)) / exe
-        if candidate.is_file():
-            return str(candidate)
-    except (ImportError, AttributeError):
-        pass
-    found = shutil.which(exe)
-    if not found:
-        raise DeviceError(f"{exe} not found", "install the devices extra of plm-gguf (pip install cmake ninja), or the system's package")
-    return found
-
-
 def _zig() -> str:
     try:
         import ziglang
@@ -134,23 +118,9 @@ def _write_zig_wrappers(folder: Path, target: TargetSpec) -> None:
         script.chmod(0o755)
 
 
-def _host_id() -> str:
-    """Native builds use -march=native: key them by the CPU they were made on."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features", "model name")):
-                flags += line
-    except OSError:
-        pass
-    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:8]
-
-
 def _configure_args(profile: Profile, staging: Path, write: bool = True) -> tuple[list[str], dict[str, str], str]:
     """CMake arguments, extra environment and a slug naming the target (write=False: no files, for keys)."""
     target = profile.target
-    if target.toolchain == "native":
-        return ["-DGGML_NATIVE=ON"], {}, f"host-{platform.machine()}-{_host_id()}"
     link = f"-Wl,-z,max-page-size={MAX_PAGE_SIZE}"
     if target.toolchain == "ndk":
         ndk = os.environ.get("ANDROID_NDK_HOME", "")
@@ -178,6 +148,8 @@ def _configure_args(profile: Profile, staging: Path, write: bool = True) -> tupl
 def build_key(profile: Profile, source: Path, label: str, glibc: str = "", mla_patch: bool = True) -> str:
     """source version (+ "-mla" when patched) + target slug + a hash of the whole recipe, the
     patches included (paths of temporary wrappers left out)."""
+    if profile.target.toolchain == "native":
+        return host_key(source if label.startswith("src-") else None, mla_patch)
     target = _with_glibc(profile.target, glibc)
     args, _, slug = _configure_args(_replace_target(profile, target), Path("/nonexistent"), write=False)
     recipe = json.dumps([BUILD_VERSION, COMMON_CMAKE, target.toolchain, target.triple, target.glibc,
@@ -185,13 +157,13 @@ def build_key(profile: Profile, source: Path, label: str, glibc: str = "", mla_p
     digest = hashlib.sha256(recipe.encode())
     if mla_patch:
         _patch_files()
-        llama_lib.hash_patches(digest)
+        llama_patches.hash_patches(digest)
     return f"{label}{'-mla' if mla_patch else ''}-{slug}-{digest.hexdigest()[:8]}"
 
 
 def _patch_files() -> list[Path]:
     try:
-        return llama_lib.patch_files()
+        return llama_patches.patch_files()
     except LlamaCppError as err:
         raise DeviceError(err.message, STOCK_HINT) from None
 
@@ -201,7 +173,7 @@ def _patched_tree(src: Path, staging: Path, label: str) -> Path:
     tree = staging / "llama.cpp"
     shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "build"))
     try:
-        llama_lib.apply_patches(tree, _patch_files())
+        llama_patches.apply_patches(tree, _patch_files())
     except LlamaCppError as err:
         raise DeviceError(err.message.replace(str(tree), f"llama.cpp {label}"), STOCK_HINT) from None
     return tree
@@ -222,64 +194,63 @@ def _replace_target(profile: Profile, target: TargetSpec) -> Profile:
 
 
 def find_build(profile: Profile, source: str | Path | None = None, glibc: str = "",
-               mla_patch: bool = True) -> Build | None:
+               mla_patch: bool = True, server: bool = False) -> Build | None:
+    if profile.target.toolchain == "native":
+        found = _host(find_host_build, source, mla_patch, server=server)
+        return Build(found.key, found.path, found.manifest) if found else None
     src, label = resolve_source(source)
     entry = cache_dir() / "builds" / build_key(profile, src, label, glibc, mla_patch)
     manifest = entry / "manifest.json"
     return Build(entry.name, entry, json.loads(manifest.read_text())) if manifest.is_file() else None
 
 
+def _host(fn, source, mla_patch, **kw):
+    """The host build (plm_gguf.llama.host) serves native profiles: one tree, libraries and tools."""
+    if source is not None:
+        resolve_source(source)  # a clean error for a folder that is no llama.cpp tree
+    try:
+        return fn(source, mla_patch=mla_patch, **kw)
+    except LlamaCppError as err:
+        raise DeviceError(err.message, err.hint) from None
+
+
 def build(profile: Profile, source: str | Path | None = None, *, glibc: str = "", jobs: int = 0,
-          log=None, mla_patch: bool = True) -> Build:
-    """The cached build for the profile (patched unless mla_patch=False), building it first when absent."""
+          log=None, mla_patch: bool = True, server: bool = False) -> Build:
+    """The cached build for the profile (patched unless mla_patch=False), building it first when
+    absent. Cross builds always have llama-server; the host build adds it when `server` asks."""
+    if profile.target.toolchain == "native":
+        if glibc:
+            raise UsageError("--glibc is for cross builds", "the host build links this machine's own C library")
+        hb = _host(host_build, source, mla_patch, server=server, log=log, jobs=jobs or None)
+        return Build(hb.key, hb.path, hb.manifest)
     src, label = resolve_source(source)
     profile = _replace_target(profile, _with_glibc(profile.target, glibc))
     key = build_key(profile, src, label, mla_patch=mla_patch)
-    builds = cache_dir() / "builds"
-    builds.mkdir(parents=True, exist_ok=True)
-    entry = builds / key
-    with FileLock(str(entry) + ".lock"):
-        if (entry / "manifest.json").is_file():
+    entry = cache_dir() / "builds" / key
+    with cached_entry(entry, lambda e: (e / "manifest.json").is_file()) as staging:
+        if staging is None:
             return Build(key, entry, json.loads((entry / "manifest.json").read_text()))
-        for stale in builds.glob(f"{key}.partial-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=builds))
-        try:
-            manifest = _run_build(profile, src, label, staging, jobs, log, mla_patch)
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            shutil.rmtree(staging / "cmake", ignore_errors=True)
-            shutil.rmtree(staging / "llama.cpp", ignore_errors=True)
-            shutil.rmtree(staging / "zig-cache", ignore_errors=True)
-            os.replace(staging, entry)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return Build(key, entry, manifest)
+        manifest = _run_build(profile, src, label, staging, jobs, log, mla_patch)
+        manifest["key"] = key
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for scratch in ("cmake", "llama.cpp", "zig-cache"):
+            shutil.rmtree(staging / scratch, ignore_errors=True)
+    return Build(key, entry, manifest)
 
 
 def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int, log, mla_patch: bool) -> dict:
-    cmake, ninja = _tool("cmake", "CMAKE_BIN_DIR", "cmake"), _tool("ninja", "BIN_DIR", "ninja")
     patches = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _patch_files()} if mla_patch else {}
     tree = _patched_tree(src, staging, label) if mla_patch else src
     args, extra_env, slug = _configure_args(profile, staging)
-    env = {**os.environ, **extra_env}
-    build_dir = staging / "cmake"
-    log_path = cache_dir() / "logs" / f"{staging.name.split('.partial-')[0]}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = cache_dir() / "logs" / f"{staging.name.split('.partial-')[0].lstrip('.')}.log"
     started = time.monotonic()
-    configure = [cmake, "-S", str(tree), "-B", str(build_dir), "-G", "Ninja",
-                 f"-DCMAKE_MAKE_PROGRAM={ninja}", *COMMON_CMAKE, *args]
-    compile_ = [cmake, "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *BINARIES]
-    with log_path.open("w") as out:
-        for step in (configure, compile_):
-            if log:
-                log(" ".join(step[:1] + step[1:4]) + " ...")
-            out.write("$ " + " ".join(step) + "\n")
-            out.flush()
-            proc = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env)
-            if proc.returncode != 0:
-                raise DeviceError(f"building llama.cpp for {profile.name} failed "
-                                  f"({Path(step[0]).name} exit {proc.returncode})",
-                                  f"see the build log {log_path}")
+    progress = BuildProgress(f"llama.cpp for {profile.name} ({slug})", log)
+    try:
+        cmake_build(tree, staging / "cmake", [*COMMON_CMAKE, *args], list(BINARIES), log_file=log_path,
+                    progress=progress, env={**os.environ, **extra_env}, jobs=jobs or None)
+    except LlamaCppError as err:
+        raise DeviceError(err.message, err.hint) from None
+    build_dir = staging / "cmake"
     (staging / "bin").mkdir()
     sizes = {}
     for name in BINARIES:
@@ -287,15 +258,13 @@ def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int
         if not built.is_file():
             raise DeviceError(f"the build produced no {name}", f"see the build log {log_path}")
         shutil.copy2(built, staging / "bin" / name)
-        if profile.target.toolchain == "native" and shutil.which("strip"):
-            subprocess.run(["strip", str(staging / "bin" / name)], check=True)
         sizes[name] = (staging / "bin" / name).stat().st_size
     if profile.target.toolchain == "ndk":  # shared libraries next to the binaries (RPATH $ORIGIN)
         for lib in (build_dir / "bin").glob("*.so"):
             shutil.copy2(lib, staging / "bin" / lib.name)
             sizes[lib.name] = lib.stat().st_size
     return {
-        "key": staging.name.split(".partial-")[0], "source": str(src), "source_label": label,
+        "source": str(src), "source_label": label,
         "patches": patches, "latent_kv": bool(patches),  # runs --kv-cache latent files
         "profile": profile.name, "toolchain": profile.target.toolchain,
         "triple": profile.target.triple or platform.machine(),

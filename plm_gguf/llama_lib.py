@@ -1,21 +1,12 @@
-"""llama.cpp with absorbed MLA for PLM, built for this host as a shared library.
+"""llama.cpp on this host, through llama-cpp-python, in child processes.
 
-The patches in patches/llama.cpp/ teach llama.cpp's `plm` graph the latent KV-cache layout
-(convert/mla.py). They apply to the llama.cpp that llama-cpp-python vendors, so this module
-fetches that version's sdist, applies them, builds libllama + libggml* with cmake and the
-system compiler, and caches the result in the user cache (PLM_GGUF_CACHE overrides):
-
-    CACHE/llama-lib/KEY/lib/libllama.so, libggml.so, libggml-base.so, libggml-cpu.so (+ .so.N)
-    CACHE/llama-lib/KEY/manifest.json
-
-KEY names the llama-cpp-python version and hashes the patches and the build recipe. One file
-lock per KEY serialises builds; a build is assembled in a staging folder and renamed into place
-when complete, so an interrupted build leaves no half entry.
-
-llama-cpp-python loads the library from $LLAMA_CPP_LIB_PATH (llama_cpp/llama_cpp.py, read at
-import: `load_shared_library("llama", LLAMA_CPP_LIB_PATH)` opens LIB_PATH/libllama.so, which
-finds libggml*.so.0 next to it through its $ORIGIN runpath). `lib_env()` gives an environment
-for a child process; the variable must be set before llama_cpp is first imported.
+The library is the host build (plm_gguf.llama.host): the llama.cpp that llama-cpp-python
+vendors, with plm-gguf's patches (the absorbed-MLA `plm` graph; stock-layout files run as
+before), for this CPU's probed instruction set, self-checked, cached. llama-cpp-python loads it
+from $LLAMA_CPP_LIB_PATH (read at import: `load_shared_library("llama", LLAMA_CPP_LIB_PATH)`
+opens LIB_PATH/libllama.so, which finds libggml*.so next to it through its $ORIGIN runpath).
+`lib_env()` gives an environment for a child process; the variable must be set before
+llama_cpp is first imported.
 
 Child-process entry points (llama.cpp may abort): `python -m plm_gguf.llama_lib build` prints
 the library folder; `python -m plm_gguf.llama_lib probe MODEL` loads a GGUF and prints JSON
@@ -25,255 +16,57 @@ llama.cpp's test-backend-ops on the patched CPU kernels against their reference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from plm_gguf.cache import cache_dir, llama_cpp_source
 from plm_gguf.errors import LlamaCppError
-
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version plm-gguf pins; its vendor/llama.cpp is patched
-RECIPE_VERSION = 1  # bump when the build recipe below changes
-
-CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=ON",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_COMMON=OFF",
-    "-DLLAMA_CURL=OFF",
-    "-DGGML_NATIVE=OFF",
-    # the libraries find each other in their own folder wherever the cache is
-    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
-    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
-)
-LIB_PATTERNS = ("libllama.so*", "libggml*.so*")
-NEEDED_LIBS = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
-
-FULL_CACHE_HINT = "use --kv-cache full (the stock layout, which the installed llama-cpp-python runs)"
-
-
-# ---------------------------------------------------------------- locations
-
-def patches_dir() -> Path:
-    """patches/llama.cpp of the source tree, or plm_gguf/patches/llama.cpp where an installed
-    package carries them as package data (PLM_GGUF_PATCHES overrides)."""
-    override = os.environ.get("PLM_GGUF_PATCHES")
-    if override:
-        return Path(override)
-    here = Path(__file__).resolve().parent
-    candidates = [here.parent / "patches" / "llama.cpp", here / "patches" / "llama.cpp"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-def patch_files() -> list[Path]:
-    folder = patches_dir()
-    files = sorted(folder.glob("*.patch")) if folder.is_dir() else []
-    if not files:
-        raise LlamaCppError(f"no llama.cpp patches in {folder}", FULL_CACHE_HINT)
-    return files
-
-
-def hash_patches(digest) -> None:
-    """Feed the patch set (names and diffs) to a hashlib digest: every build key that applies it."""
-    for file in patch_files():
-        digest.update(file.name.encode() + b"\0" + _patch_body(file.read_bytes()) + b"\0")
+from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION
+from plm_gguf.llama.host import entry_dir, host_build, host_key  # noqa: F401
+from plm_gguf.llama.patches import (FULL_CACHE_HINT, apply_patches, hash_patches, patch_files,  # noqa: F401
+                                    patches_dir, source_dir)
 
 
 def build_key(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
-    """Names the source version; hashes the patches and the recipe."""
-    digest = hashlib.sha256()
-    digest.update(f"recipe {RECIPE_VERSION}\n{' '.join(CMAKE_FLAGS)}\n{platform.machine()}\n".encode())
-    hash_patches(digest)
-    return f"lcp{version}-mla-{digest.hexdigest()[:16]}"
+    """The host build's cache key (patched, this CPU)."""
+    return host_key()
 
 
-def _patch_body(data: bytes) -> bytes:
-    """The diff itself: a format-patch header (message, diffstat) or signature builds nothing."""
-    start = 0 if data.startswith(b"diff --git ") else data.find(b"\ndiff --git ") + 1
-    body = data[start:]
-    end = body.rfind(b"\n-- \n")
-    return body[: end + 1] if end >= 0 else body
-
-
-def entry_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    return cache_dir() / "llama-lib" / build_key(version)
-
-
-def _lock(path: Path):
-    from filelock import FileLock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
-
-
-# ---------------------------------------------------------------- source
-
-def source_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """The pristine vendor/llama.cpp of llama-cpp-python VERSION's sdist, fetched with pip into
-    CACHE/src (the same place plm_gguf.devices keeps it). Never modified: builds copy it."""
-    return llama_cpp_source(version)
-
-
-def apply_patches(tree: Path, patches: list[Path] | None = None, *, check_only: bool = False) -> None:
-    """Apply the patch set to a llama.cpp tree (git apply, or patch -p1 without git); raise
-    LlamaCppError naming the first patch that does not apply."""
-    tree = Path(tree).resolve()
-    # git apply inside some repository's work tree applies relative to that repository and
-    # silently skips paths outside the current folder: keep git from looking above the tree
-    env = os.environ | {"GIT_CEILING_DIRECTORIES": str(tree.parent)}
-    for patch in patches or patch_files():
-        patch = Path(patch).resolve()
-        if shutil.which("git"):
-            steps = [["git", "apply", "--check", "-p1", str(patch)]]
-            if not check_only:  # apply, then prove it applied (the reverse must apply now)
-                steps += [["git", "apply", "-p1", str(patch)], ["git", "apply", "--check", "-R", "-p1", str(patch)]]
-        elif shutil.which("patch"):
-            steps = [["patch", "-p1", "--dry-run", "-s", "-i", str(patch)]]
-            if not check_only:
-                steps += [["patch", "-p1", "-s", "-i", str(patch)]]
-        else:
-            raise LlamaCppError("neither git nor patch is installed to apply the llama.cpp patches",
-                                f"install git, or {FULL_CACHE_HINT}")
-        for cmd in steps:
-            proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                said = (proc.stderr or proc.stdout).strip().splitlines()
-                raise LlamaCppError(
-                    f"the llama.cpp patch {patch.name} does not apply to {tree}: {said[0] if said else 'no output'}",
-                    f"the patch targets the llama.cpp of llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}; {FULL_CACHE_HINT}")
-
-
-# ---------------------------------------------------------------- build
-
-def _cmake() -> str:
-    found = shutil.which("cmake")
-    if not found:
-        raise LlamaCppError("cmake is not installed", f"install cmake and a C++ compiler, or {FULL_CACHE_HINT}")
-    return found
-
-
-def build(*, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None,
-          log=None, force: bool = False) -> Path:
-    """The cache entry's lib/ folder for the patched library, built first if needed."""
-    entry = entry_dir(version)
-    lib = entry / "lib"
-    if not force and _complete(lib):
-        return lib
-    with _lock(entry):
-        if not force and _complete(lib):
-            return lib
-        for stale in entry.parent.glob(f".{entry.name}.*"):  # left by a killed build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        src = source_dir(version)
-        stage = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-        failed_log = entry.parent / f"{entry.name}.failed.log"
-        try:
-            started = time.monotonic()
-            tree = stage / "llama.cpp"
-            shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "build"))
-            apply_patches(tree)
-            _run_build(tree, stage / "build", jobs or os.cpu_count() or 1, log, stage / "build.log")
-            out = stage / "entry"
-            (out / "lib").mkdir(parents=True)
-            for pattern in LIB_PATTERNS:
-                for file in sorted((stage / "build" / "bin").glob(pattern)):
-                    shutil.copy2(file, out / "lib" / file.name, follow_symlinks=False)
-            missing = [name for name in NEEDED_LIBS if not (out / "lib" / name).exists()]
-            if missing:
-                raise LlamaCppError(f"the llama.cpp build made no {', '.join(missing)}", FULL_CACHE_HINT)
-            manifest = {
-                "key": entry.name, "llama_cpp_python": version, "recipe": RECIPE_VERSION,
-                "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in patch_files()},
-                "cmake_flags": list(CMAKE_FLAGS), "build_seconds": round(time.monotonic() - started, 1),
-                "compiler": _compiler_version(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            shutil.copy2(stage / "build.log", out / "build.log")
-            if entry.exists():  # force: replace the old entry
-                shutil.rmtree(entry)
-            os.replace(out, entry)
-            failed_log.unlink(missing_ok=True)
-        except BaseException:
-            if (stage / "build.log").is_file():  # keep the log of a failed build, outside the stage
-                shutil.copy2(stage / "build.log", failed_log)
-            raise
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    return lib
-
-
-def _complete(lib: Path) -> bool:
-    return all((lib / name).exists() for name in NEEDED_LIBS) and (lib.parent / "manifest.json").is_file()
-
-
-def _compiler_version() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-    try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        return "unknown"
-
-
-def _run_build(tree: Path, build_dir: Path, jobs: int, log, log_file: Path) -> None:
-    cmake = _cmake()
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    steps = [
-        [cmake, "-S", str(tree), "-B", str(build_dir), *generator, *CMAKE_FLAGS],
-        [cmake, "--build", str(build_dir), "--target", "llama", "--parallel", str(jobs)],
-    ]
-    with open(log_file, "w") as out:
-        for cmd in steps:
-            out.write("$ " + " ".join(cmd) + "\n")
-            out.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-            assert proc.stdout is not None
-            tail: list[str] = []
-            for line in proc.stdout:
-                out.write(line)
-                tail = (tail + [line.rstrip()])[-20:]
-                if log:
-                    log(line.rstrip())
-            if proc.wait() != 0:
-                said = next((l for l in reversed(tail) if "error" in l.lower()), tail[-1] if tail else "no output")
-                raise LlamaCppError(f"building the patched llama.cpp failed: {said.strip()}",
-                                    f"the full log is kept as llama-lib/*.failed.log in the cache; {FULL_CACHE_HINT}")
+def build(*, log=None, jobs: int | None = None) -> Path:
+    """The folder with the host build's libraries and tools (built first if needed)."""
+    return host_build(log=log, jobs=jobs).bin
 
 
 OP_TEST = "test-backend-ops"
 
 
-def op_test_binary(*, version: str = LLAMA_CPP_PYTHON_VERSION, log=None) -> Path:
+def op_test_binary(*, log=None) -> Path:
     """llama.cpp's own op test (tests/test-backend-ops.cpp of the same source, unmodified), compiled
-    against the patched libraries and kept beside them (bin/ of the cache entry). With `-b CPU` it
-    compares the CPU backend's kernels with its reference implementation: the check for the
-    ggml-cpu patch."""
-    lib = build(version=version, log=log)
-    binary = lib.parent / "bin" / OP_TEST
+    against the host build's libraries and kept beside them. With `-b CPU` it compares the CPU
+    backend's kernels with its reference implementation: the check for the ggml-cpu patch."""
+    built = host_build(log=log)
+    binary = built.path / "test" / OP_TEST
     if binary.is_file():
         return binary
-    with _lock(lib.parent):
+    from filelock import FileLock
+
+    with FileLock(str(built.path) + ".lock"):
         if binary.is_file():
             return binary
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if not cxx:
             raise LlamaCppError(f"no C++ compiler to build llama.cpp's {OP_TEST}", "install g++")
-        src = source_dir(version)
+        src = source_dir(LLAMA_CPP_PYTHON_VERSION)
         binary.parent.mkdir(exist_ok=True)
         partial = binary.with_name(f".{OP_TEST}.partial")
         cmd = [cxx, "-O2", "-std=c++17", "-pthread", f"-I{src / 'ggml' / 'include'}",
-               str(src / "tests" / f"{OP_TEST}.cpp"), "-o", str(partial), f"-L{lib}", "-lggml", "-lggml-base",
-               "-Wl,-rpath,$ORIGIN/../lib"]
+               str(src / "tests" / f"{OP_TEST}.cpp"), "-o", str(partial), f"-L{built.bin}", "-lggml", "-lggml-base",
+               "-Wl,-rpath,$ORIGIN/../bin"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -299,7 +92,7 @@ def run_op_test(ops: str = "FLASH_ATTN_EXT", params: str | None = None, *, jobs:
 
 
 def lib_env(base: dict | None = None, lib: Path | None = None) -> dict:
-    """An environment for a child process that loads the patched library."""
+    """An environment for a child process whose llama-cpp-python loads the host build."""
     env = dict(os.environ if base is None else base)
     env["LLAMA_CPP_LIB_PATH"] = str(lib or build())
     return env
@@ -333,7 +126,7 @@ def probe(model: str | os.PathLike[str], *, n_ctx: int = 4096, f32_cache: bool =
         cmd += ["--cache-type", str(cache_type)]
     if flash_attn:
         cmd.append("--flash-attn")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or lib_env(), timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if lines:
         return json.loads(lines[-1])
@@ -435,7 +228,7 @@ def run_logits(model: str | os.PathLike[str], sequences: list[list[int]], out: P
            "--out", str(out), "--cache-type", str(cache_type), "--greedy", str(greedy)]
     if flash_attn:
         cmd.append("--flash-attn")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or lib_env(), timeout=timeout)
     if proc.returncode != 0:
         said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LlamaCppError(f"llama.cpp failed on {model} (exit {proc.returncode}): {said}",
@@ -449,9 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="plm_gguf.llama_lib")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or find) the patched library; print its folder")
-    b.add_argument("--force", action="store_true")
-    b.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("build", help="build (or find) the host build; print its library folder")
     p = sub.add_parser("probe", help="load a GGUF (child process) and print llama.cpp's KV cache report")
     p.add_argument("model")
     p.add_argument("--n-ctx", type=int, default=4096)
@@ -475,17 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--cache-type", type=int, default=0)
     r.add_argument("--flash-attn", action="store_true")
     r.add_argument("--greedy", type=int, default=0)
-    for child in (p, q, r):  # without it, a latent file gets the patched library (what a user typing it wants)
+    for child in (p, q, r):  # the parent set LLAMA_CPP_LIB_PATH; without it the child finds the host build
         child.add_argument("--lib-from-env", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a.cmd in ("probe", "bench", "run") and not a.lib_from_env and "LLAMA_CPP_LIB_PATH" not in os.environ:
-        from plm_gguf.convert.mla import is_latent
-
-        if os.path.isfile(a.model) and is_latent(a.model):  # set before llama_cpp is first imported
-            os.environ["LLAMA_CPP_LIB_PATH"] = str(build())
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(build())  # set before llama_cpp is first imported
     if a.cmd == "build":
         try:
-            lib = build(force=a.force, log=(lambda l: print(l, file=sys.stderr)) if a.verbose else None)
+            lib = build()
         except LlamaCppError as exc:
             print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
             sys.exit(exc.exit_code)

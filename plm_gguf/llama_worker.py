@@ -28,13 +28,9 @@ GGML_TYPE_F16 = 1
 
 # ---------------------------------------------------------------- parent side
 
-def env_for(model: str | os.PathLike) -> dict | None:
-    """The environment a child needs to run `model`: the patched llama.cpp for latent-layout
-    (absorbed MLA) files, built on first use; None (inherit) for stock files."""
-    from plm_gguf.convert.mla import is_latent
-
-    if not str(model).endswith(".gguf") or not os.path.isfile(model) or not is_latent(model):
-        return None
+def env_for(model: str | os.PathLike | None = None) -> dict:  # noqa: ARG001 - one library for every file
+    """The environment a child needs: llama-cpp-python pointed at the host build (patched,
+    self-checked; built on first use), which runs both KV-cache layouts."""
     from plm_gguf.llama_lib import lib_env
 
     return lib_env()
@@ -42,10 +38,9 @@ def env_for(model: str | os.PathLike) -> dict | None:
 
 def run_worker(args: list[str], *, timeout: float | None = None,
                on_line: Callable[[str], None] | None = None, env: dict | None = None) -> None:
-    """Run one worker command; raise LlamaCppError naming what llama.cpp said if it fails.
-    A latent-layout model (args[1]) runs on the patched llama.cpp unless `env` says otherwise."""
-    if env is None and len(args) > 1 and args[0] in ("logits", "tokenize", "score"):
-        env = env_for(args[1])
+    """Run one worker command on the host build; raise LlamaCppError naming what llama.cpp said."""
+    if env is None:
+        env = env_for()
     cmd = [sys.executable, "-m", "plm_gguf.llama_worker", *args]
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -110,7 +110,7 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
 
     result = run_sweep(source, options, on_event)
     report = result.report
-    console.print(rep.table(report))
+    console.print(rep.table(report, console.width))
     for m in report.get("mixes_vs_stock", []):
         line = f"{m['recipe']}: {m['file_bytes'] / 2**20:,.1f} MiB, KL {m['kl_mean']:.4f}"
         if m["stock_base"]:
@@ -133,4 +133,4 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
                           f"{rec['reason']}")
         else:
             console.print(f"[bold red]no recipe fits[/] {rec['budget_mib']:,.0f} MiB: {rec['reason']}")
-    console.print(f"★ recommended, ◆ Pareto frontier; report.json, report.csv and pareto.png in {out}/")
+    console.print(f"★ recommended, ◆ Pareto frontier, ✗ failed; report.json, report.csv and pareto.png in {out}/")

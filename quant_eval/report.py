@@ -55,18 +55,36 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def table(report: dict) -> Table:
-    t = Table(title=f"quantization sweep of {report['source']} (ctx {report['ctx']}, {report['text']})")
-    for col in ("recipe", "bpw", "MiB", "KL mean", "KL p99", "top-1", "PPL ×", "mem MiB", "pp t/s", "tg t/s", "imat"):
-        t.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
-    front = set(pareto_front(list(report["rows"].values())))
+def table(report: dict, width: int = 200) -> Table:
+    """The sweep's rows for a terminal. Below 110 columns bits/weight, p99 KL and the imatrix
+    column (all in report.csv) are left out so the rest reads whole at 80; a failed recipe's
+    reason is printed under the table."""
+    from rich import box
+    from rich.markup import escape
+
+    wide = width >= 110
+    cols = ["recipe"] + (["bpw"] if wide else []) + ["MiB", "KL mean"] + (["KL p99"] if wide else [])
+    cols += ["top-1", "PPL ×", "mem MiB", "pp t/s", "tg t/s"] + (["imat"] if wide else [])
+    rows = list(report["rows"].values())
+    front = set(pareto_front(rows))
     best = (report.get("recommendation") or {}).get("recipe")
-    for r in report["rows"].values():
-        name = r["recipe"] + (" ★" if r["recipe"] == best else "") + (" ◆" if r["recipe"] in front else "")
+    names = {r["recipe"]: r["recipe"] + (" ★" if r["recipe"] == best else "") + (" ◆" if r["recipe"] in front else "")
+             + (" ✗" if r.get("status") != "ok" else "") for r in rows}
+    failures = [f"{escape(r['recipe'])} [red]failed[/]: {escape(r.get('reason', ''))}"
+                for r in rows if r.get("status") != "ok"]
+    t = Table(title=f"quantization sweep of {Path(report['source']).name} (ctx {report['ctx']}, {report['text']})",
+              box=box.SIMPLE_HEAD, pad_edge=False, caption="\n".join(failures) or None, caption_justify="left")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True,
+                     min_width=max(map(len, names.values()), default=6) if col == "recipe" else None)
+    for r in rows:
         if r.get("status") != "ok":
-            t.add_row(name, *["-"] * 9, f"[red]failed[/]: {r.get('reason', '')[:60]}")
+            t.add_row(escape(names[r["recipe"]]), *["-"] * (len(cols) - 1))
             continue
-        t.add_row(name, f"{r['bpw']:.2f}", f"{r['file_bytes'] / 2**20:,.1f}", f"{r['kl_mean']:.4f}",
-                  f"{r['kl_p99']:.3f}", f"{r['top1']:.1%}", f"{r['ppl_ratio']:.3f}", f"{r['memory_mib']:,.0f}",
-                  f"{r['prompt_tps']:,.0f}", f"{r['gen_tps']:,.1f}", "yes" if r["imatrix"] else "")
+        cells = {"recipe": escape(names[r["recipe"]]), "bpw": f"{r['bpw']:.2f}", "MiB": f"{r['file_bytes'] / 2**20:,.1f}",
+                 "KL mean": f"{r['kl_mean']:.4f}", "KL p99": f"{r['kl_p99']:.3f}", "top-1": f"{r['top1']:.1%}",
+                 "PPL ×": f"{r['ppl_ratio']:.3f}", "mem MiB": f"{r['memory_mib']:,.0f}",
+                 "pp t/s": f"{r['prompt_tps']:,.0f}", "tg t/s": f"{r['gen_tps']:,.1f}",
+                 "imat": "yes" if r["imatrix"] else ""}
+        t.add_row(*(cells[c] for c in cols))
     return t

@@ -1,7 +1,6 @@
 """Fixtures for the device tests: a tiny PLM GGUF, the cached builds, and a scratch profile folder.
 
-``write_tiny_plm_gguf`` is written with the `gguf` package directly; swap it for
-``plm_gguf.convert.writer.convert`` on a ``write_tiny_checkpoint`` once those are settled.
+``write_tiny_plm_gguf`` (plm_gguf.fixtures.gguf_file) is written with the `gguf` package directly.
 The builds are made once per session through the user cache (PLM_GGUF_CACHE), so a second
 run of the suite builds nothing.
 """
@@ -14,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
 
 DATA = Path(__file__).parents[1] / "data" / "devices"
 
@@ -25,85 +25,6 @@ def _missing(why: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{why}: CI must install it")
     pytest.skip(why)
-TINY = dict(n_embd=64, n_layer=2, n_head=4, qk_nope=16, qk_rope=8, v_dim=16, kv_lora=32, n_ff=128, ctx=512)
-
-
-def _byte_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet: one token per byte, as byte-level BPE needs."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def write_tiny_plm_gguf(path: Path, seed: int = 0, **overrides) -> Path:
-    """A PLM GGUF with tiny sizes that stock llama.cpp loads and runs (f32 weights)."""
-    import gguf
-
-    c = {**TINY, **overrides}
-    rng = np.random.default_rng(seed)
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
-    tokens = _byte_tokens() + [m.replace(" ", "") for m in merges] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    types = [1] * (len(tokens) - 3) + [3, 3, 3]
-    n_vocab = len(tokens)
-    key_len = c["qk_nope"] + c["qk_rope"]
-
-    w = gguf.GGUFWriter(str(path), "plm")
-    w.add_name("tiny-plm-test")
-    w.add_block_count(c["n_layer"])
-    w.add_context_length(c["ctx"])
-    w.add_embedding_length(c["n_embd"])
-    w.add_feed_forward_length(c["n_ff"])
-    w.add_head_count(c["n_head"])
-    w.add_head_count_kv(c["n_head"])
-    w.add_rope_freq_base(100000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(n_vocab)
-    w.add_kv_lora_rank(c["kv_lora"])
-    w.add_key_length(key_len)
-    w.add_value_length(c["v_dim"])
-    w.add_rope_dimension_count(c["qk_rope"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(n_vocab - 3)
-    w.add_eos_token_id(n_vocab - 3)
-    w.add_add_bos_token(False)
-
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    e, h = c["n_embd"], c["n_head"]
-    w.add_tensor("token_embd.weight", mat(n_vocab, e))
-    for i in range(c["n_layer"]):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", norm(e))
-        w.add_tensor(f"blk.{i}.attn_q.weight", mat(h * key_len, e))
-        w.add_tensor(f"blk.{i}.attn_kv_a_mqa.weight", mat(c["kv_lora"] + c["qk_rope"], e))
-        w.add_tensor(f"blk.{i}.attn_kv_a_norm.weight", norm(c["kv_lora"]))
-        w.add_tensor(f"blk.{i}.attn_kv_b.weight", mat(h * (c["qk_nope"] + c["v_dim"]), c["kv_lora"]))
-        w.add_tensor(f"blk.{i}.attn_output.weight", mat(e, h * c["v_dim"]))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm(e))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(c["n_ff"], e))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(e, c["n_ff"]))
-    w.add_tensor("output_norm.weight", norm(e))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_plm_gguf(tmp_path_factory.mktemp("model") / "tiny plm 'test'.gguf")

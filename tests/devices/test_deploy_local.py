@@ -21,6 +21,37 @@ def test_readme_demo_deploys_to_host_with_a_short_bench(host_build, tiny_gguf, t
     assert undeploy("host")
 
 
+@pytest.fixture(scope="module")
+def quantized(host_build, tmp_path_factory):
+    """q4_k_m and q8_0 files (rows of 256, so the K-quants apply) made by the host build's llama-quantize."""
+    import subprocess
+
+    from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
+    from plm_gguf.llama.host import SELF_CHECK_MODEL
+
+    folder = tmp_path_factory.mktemp("quantized")
+    base = write_tiny_plm_gguf(folder / "f32.gguf", seed=3, **SELF_CHECK_MODEL)
+    files = {}
+    for qtype in ("q4_k_m", "q8_0"):
+        files[qtype] = folder / f"tiny-{qtype}.gguf"
+        subprocess.run([str(host_build.binaries["llama-quantize"]), str(base), str(files[qtype]), qtype],
+                       check=True, capture_output=True, timeout=300)
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("qtype", "shown"), [("q4_k_m", "Q4_K - Medium"), ("q8_0", "Q8_0")])
+def test_quantized_files_run_on_the_host_build(quantized, qtype, shown, tmp_path, monkeypatch):
+    """The types that crashed a -march=native build on an AMX Xeon: llama-completion and llama-bench."""
+    monkeypatch.setenv("PLM_GGUF_CACHE", str(toolchain.cache_dir()))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = deploy(quantized[qtype], profile_name="host", bench=True, bench_prompt=64, bench_gen=8)
+    assert result.smoke_output and result.bench.prompt_tps > 0 and result.bench.gen_tps > 0
+    assert {r["model_type"].split(" ", 2)[-1] for r in result.bench.raw} == {shown}
+    assert result.kernels and "self-checked" in result.kernels[0]
+    assert undeploy("host")
+
+
 def test_cli_memory_refusal_before_building(profile_dir, tiny_gguf, tmp_path):
     write_profile(profile_dir, "tiny-ram", f'extends = "host"\ninstall_dir = "{tmp_path}/d"\nheadroom_mib = 100000000\n')
     out = run_cli("deploy", tiny_gguf, "--device", "tiny-ram", env={"PLM_GGUF_PROFILES": str(profile_dir),
@@ -29,6 +60,7 @@ def test_cli_memory_refusal_before_building(profile_dir, tiny_gguf, tmp_path):
     assert "does not fit in memory" in out.stderr and "MemAvailable" in out.stderr and "hint:" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "empty-cache" / "builds").exists()  # refused before building
+    assert not (tmp_path / "empty-cache" / "llama").exists()
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
 
 
@@ -60,4 +92,4 @@ def test_cli_devices_list_show_probe():
 @pytest.mark.slow
 def test_cli_build_reuses_the_cache(host_build):
     out = run_cli("build", "--device", "host")
-    assert out.returncode == 0 and host_build.key in out.stdout and "llama-server" in out.stdout
+    assert out.returncode == 0 and host_build.key in out.stdout and "llama-completion" in out.stdout

@@ -74,7 +74,7 @@ def test_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
     with pytest.raises(DeviceError, match="failed") as err:  # stock: the patch would be refused first
         toolchain.build(load_profile("host"), src, mla_patch=False)
     assert "build log" in err.value.hint
-    builds = tmp_path / "cache" / "builds"
+    builds = tmp_path / "cache" / "llama"  # native profiles use the host build
     assert [p.name for p in builds.iterdir() if not p.name.endswith(".lock")] == []
     assert toolchain.find_build(load_profile("host"), src, mla_patch=False) is None
 

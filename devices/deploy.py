@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from plm_gguf.cache import sha256_file
 from plm_gguf.errors import DeviceError, UsageError
 
 from . import checks, toolchain
@@ -83,14 +84,6 @@ def _abs_dir(install_dir: str, facts: DeviceFacts) -> str:
             raise DeviceError("the device reports no $HOME for the ~ in install_dir", "use an absolute install_dir")
         return facts.home.rstrip("/") + install_dir[1:]
     return install_dir
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remote_state(transport: Transport, folder: str, names: list[str]) -> tuple[dict[str, str], dict[str, int]]:

@@ -56,7 +56,8 @@ def llama_cpp_source(version: str) -> Path:
     return src
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -82,7 +83,7 @@ def _sdist(version: str) -> Path:
                                     "check access to PyPI, or pass an unpacked llama.cpp with --llama-cpp PATH")
             os.replace(sdists[0], path)
     want = SDIST_SHA256.get(version)
-    got = _sha256(path)
+    got = sha256_file(path)
     if want and got != want:
         bad = path.with_name(path.name + ".rejected")
         os.replace(path, bad)

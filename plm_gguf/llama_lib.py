@@ -272,11 +272,23 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd in ("probe", "bench", "run") and not a.lib_from_env and "LLAMA_CPP_LIB_PATH" not in os.environ:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(build())  # set before llama_cpp is first imported
     if a.cmd == "build":
+        import signal
+
+        from plm_gguf.errors import PlmGgufError
+
+        def stop(signum, frame):  # noqa: ARG001 - a killed build cleans up as an interrupted one does
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+
         try:
             lib = build()
-        except LlamaCppError as exc:
+        except PlmGgufError as exc:
             print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted: the partial build was removed", file=sys.stderr)
+            sys.exit(130)
         print(lib)
     elif a.cmd == "op-test":
         try:

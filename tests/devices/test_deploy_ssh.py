@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import urllib.request
 
 import pytest
 
+from plm_gguf.devices import toolchain
 from plm_gguf.devices.deploy import deploy, undeploy
 from plm_gguf.devices.profiles import load_profile
 from plm_gguf.devices.runner import stop_server
@@ -16,7 +18,11 @@ from plm_gguf.devices.transports import connect
 from .conftest import run_cli, write_profile
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
-BINARIES = ["llama-bench", "llama-completion", "llama-server"]
+
+
+def built(key: str) -> list[str]:
+    """What the host build a deploy used holds (libraries and tools; llama-server once a deploy served)."""
+    return sorted(json.loads((toolchain.cache_dir() / "llama" / key / "manifest.json").read_text())["binaries"])
 
 
 @pytest.fixture()
@@ -30,14 +36,15 @@ def ssh_profile(sshd, profile_dir, tmp_path, host_build):
 def test_deploy_smoke_bench_then_redeploy_sends_nothing(ssh_profile, tiny_gguf):
     profile, install, _ = ssh_profile
     first = deploy(tiny_gguf, profile=profile, bench=True, bench_prompt=32, bench_gen=8)
-    assert sorted(first.sent) == sorted(BINARIES + [tiny_gguf.name]) and first.skipped == []
+    assert sorted(first.sent) == sorted(built(first.build_key) + [tiny_gguf.name]) and first.skipped == []
+    assert {"llama-completion", "llama-bench", "libllama.so", "libggml-cpu.so"} <= set(first.sent)
     assert first.smoke_output.startswith("The capital of France is")
     assert first.bench.prompt_tps > 0 and first.bench.gen_tps > 0 and first.bench.threads == 2
     assert (first.bench.n_prompt, first.bench.n_gen) == (32, 8)
     assert (install / tiny_gguf.name).read_bytes() == tiny_gguf.read_bytes()
     assert not list(install.glob(".*.partial"))
     again = deploy(tiny_gguf, profile=profile)
-    assert again.sent == [] and sorted(again.skipped) == sorted(BINARIES + [tiny_gguf.name])
+    assert again.sent == [] and sorted(again.skipped) == sorted(built(again.build_key) + [tiny_gguf.name])
 
 
 def test_interrupted_deploy_resumes_without_resending(ssh_profile, tiny_gguf):
@@ -51,9 +58,10 @@ def test_interrupted_deploy_resumes_without_resending(ssh_profile, tiny_gguf):
 
     with pytest.raises(KeyboardInterrupt):
         deploy(tiny_gguf, profile=profile, progress=interrupt_before_model)
-    assert sorted(p.name for p in install.iterdir() if not p.name.startswith(".")) == BINARIES
+    binaries = sorted(p.name for p in install.iterdir() if not p.name.startswith("."))
+    assert "llama-completion" in binaries and tiny_gguf.name not in binaries
     resumed = deploy(tiny_gguf, profile=profile)
-    assert resumed.sent == [tiny_gguf.name] and sorted(resumed.skipped) == BINARIES
+    assert resumed.sent == [tiny_gguf.name] and sorted(resumed.skipped) == binaries == built(resumed.build_key)
     assert resumed.resumed == {tiny_gguf.name: 1000}  # the good first 1000 bytes were kept
     want = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     assert hashlib.sha256((install / tiny_gguf.name).read_bytes()).hexdigest() == want
@@ -93,8 +101,9 @@ def test_serve_then_undeploy_removes_everything(ssh_profile, tiny_gguf, request)
     result = deploy(tiny_gguf, profile=profile, smoke=False, serve_port=port)
     assert result.server.forward.startswith("ssh ") and f"{port}:127.0.0.1:{port}" in result.server.forward
     assert _get(f"http://127.0.0.1:{port}/health") == 200  # sshd is on loopback: no tunnel needed here
+    assert "llama-server" in built(result.build_key)  # the host build adds it for a deploy that serves
     removed = undeploy(profile=profile)
-    assert sorted(removed) == sorted(BINARIES + [tiny_gguf.name])
+    assert sorted(removed) == sorted(built(result.build_key) + [tiny_gguf.name])
     assert not install.exists()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -49,7 +49,9 @@ def test_a_build_above_the_cpu_dies_with_sigill_and_says_so(aarch64_build, profi
                   'ctx = 256\nheadroom_mib = 64\n[transport]\nkind = "local"\n')
     with pytest.raises(DeviceError, match="SIGILL") as err:
         deploy(tiny_gguf, profile=load_profile("pi4-emulated"))
-    assert "profile that matches" in err.value.hint
+    # the hint names the likeliest extension (the A72 has no dotprod) and the settings that avoid it
+    assert "the likeliest culprit is dotprod" in err.value.hint, err.value.hint
+    assert 'target.mcpu = "cortex_a76"' in err.value.hint and "rpi4" in err.value.hint
 
 
 # ---------------------------------------------------------------- absorbed MLA on the device build

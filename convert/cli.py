@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plm_gguf.errors import VerificationError
+from plm_gguf.options import check_threads
 
 console = Console(highlight=False)
 
@@ -32,6 +33,8 @@ def convert(
 ) -> None:
     """Convert a PLM checkpoint to GGUF (streaming; nothing is left behind on failure)."""
     from plm_gguf.convert.writer import convert as run
+
+    check_threads(threads)
 
     result = run(model, outfile, outtype, force=force, pre_tokenizer=pre_tokenizer, progress=True, threads=threads,
                  kv_cache=kv_cache)
@@ -69,6 +72,7 @@ def verify(
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Check a GGUF against the torch reference: KL, top-1, logits, tokenization."""
+    check_threads(threads)
     _verify_and_print(model, gguf_file, threads)
 
 

@@ -121,11 +121,11 @@ def mla_metadata(sizes: MlaSizes, arch: str = ARCH) -> dict[str, int]:
 
 
 def is_latent(path: str | os.PathLike[str]) -> bool:
-    """Whether a GGUF is in the latent layout (carries key_length_mla)."""
-    from plm_gguf.ggufinfo import read_gguf_info
+    """Whether a PLM GGUF is in the latent layout (carries key_length_mla); any other file is a
+    UsageError naming it."""
+    from plm_gguf.ggufinfo import read_plm_gguf
 
-    info = read_gguf_info(path)
-    return f"{info.arch}.attention.key_length_mla" in info.fields
+    return "plm.attention.key_length_mla" in read_plm_gguf(path).fields
 
 
 def sizes_from_gguf(reader) -> MlaSizes:

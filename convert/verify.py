@@ -33,6 +33,7 @@ from plm_gguf.checkpoint import Checkpoint, resolve_model
 from plm_gguf.errors import TokenizerError, UsageError
 from plm_gguf.llama_worker import run_worker
 from plm_gguf.reference import PLMForCausalLM
+from plm_gguf.schema import PLMConfig, config_from_gguf
 
 # Pass thresholds on mean KL by the GGUF's file type; other types are reported, not failed.
 THRESHOLDS = {gguf.LlamaFileType.ALL_F32: 1e-9, gguf.LlamaFileType.MOSTLY_BF16: 1e-9,
@@ -149,11 +150,14 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
            prompts: tuple[str, ...] = PROMPTS, max_tokens: int = 96, threads: int | None = None) -> VerifyResult:
     """Run the reference and llama.cpp on the same prompts and compare them."""
     gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
+    if not gguf_path.exists():
         raise UsageError(f"{gguf_path} does not exist", "convert the checkpoint first: plm-gguf convert MODEL")
+    if not gguf_path.is_file():
+        raise UsageError(f"{gguf_path} is not a regular file", "pass the .gguf file plm-gguf convert wrote")
     file_type = gguf.LlamaFileType(_read_file_type(gguf_path))
     folder = resolve_model(model)
     ckpt = Checkpoint(folder)
+    _check_same_model(ckpt.config, config_from_gguf(gguf_path), gguf_path)
     tokenizer = _hf_tokenizer(folder)
     limit = min(max_tokens, ckpt.config.max_position_embeddings)
     sequences = [tokenizer.encode(p, add_special_tokens=False).ids[:limit] for p in prompts]
@@ -193,6 +197,19 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
             diffs.append(TokenDiff(name, text, hf_ids, llama_ids[i], nfc_only=llama_ids[len(texts) + i] == hf_ids))
     return VerifyResult(gguf_path, file_type.name, stats, THRESHOLDS.get(file_type), exact, file_stats,
                         str(matched).removeprefix("torch.") if matched else None, diffs)
+
+
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "kv_lora_rank",
+          "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "vocab_size")
+
+
+def _check_same_model(config: PLMConfig, in_file: PLMConfig, path: Path) -> None:
+    """The GGUF must have the checkpoint's sizes, or comparing them means nothing."""
+    differ = [f"{k} {getattr(in_file, k)} in the file, {getattr(config, k)} in config.json"
+              for k in _SIZES if getattr(in_file, k) != getattr(config, k)]
+    if differ:
+        raise UsageError(f"{path.name} is not a conversion of this checkpoint: {'; '.join(differ[:2])}",
+                         "pass the checkpoint the file was converted from")
 
 
 def _read_file_type(path: Path) -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import gguf
 import numpy as np
@@ -25,8 +23,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
-from plm_gguf.errors import CheckpointError, OutputError, UsageError
+from plm_gguf.errors import CheckpointError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
+from plm_gguf.outputs import check_target, claimed, partial_path  # check_target, partial_path: also quant_eval.single
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
 
@@ -127,10 +126,11 @@ def convert(
     vocab = load_vocab(folder, ckpt.config.vocab_size, pre_tokenizer)
     outtype = parse_outtype(outtype, ckpt.source_dtype)
     target = Path(outfile) if outfile else default_outfile(folder, str(model), outtype)
-    check_target(target, force)
+    check_target(target, force, inputs=ckpt.input_files())
 
     start = time.perf_counter()
-    with partial_path(target, ".partial") as tmp:
+    with claimed(target), partial_path(target, ".partial") as tmp:
+        check_target(target, force, inputs=ckpt.input_files())  # again, now that the target is ours
         if outtype in DIRECT_TYPES:
             plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model), kv_cache=kv_cache)
         else:
@@ -176,31 +176,6 @@ def _main_tensor_type(outtype: str) -> QT | None:
     return QT[name] if name else None
 
 
-def check_target(target: Path, force: bool) -> None:
-    if target.is_dir():
-        raise OutputError(f"{target} is a folder", "give --outfile a file name ending in .gguf")
-    if target.exists() and not force:
-        raise OutputError(f"{target} already exists", "pass --force to overwrite it, or choose another --outfile")
-    if not target.parent.is_dir():
-        raise OutputError(f"folder {target.parent} does not exist", "create it first or choose another --outfile")
-    if not os.access(target.parent, os.W_OK):
-        raise OutputError(f"cannot write to {target.parent}", "choose a writable --outfile")
-
-
-@contextlib.contextmanager
-def partial_path(target: Path, suffix: str) -> Iterator[Path]:
-    """A temporary path beside `target`, removed unless it was renamed into place."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}{suffix}")
-    try:
-        yield tmp
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"the disk holding {target.parent} is full", "free space or choose another --outfile") from exc
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: str, file_type: FT,
                        kv_cache: str = "full") -> None:
     """general.* (through gguf-py's Metadata heuristics) and every plm.* key llama.cpp reads."""
@@ -209,6 +184,9 @@ def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: st
     name = None if Path(model_name).expanduser().exists() else model_name.split("/")[-1]
     meta = gguf.Metadata.load(None, ckpt.folder, name, n_params)
     meta.size_label = meta.size_label or size_label(n_params)
+    for key, value in vars(meta).items():  # a non-UTF-8 folder name: GGUF strings are UTF-8
+        if isinstance(value, str):
+            setattr(meta, key, os.fsencode(value).decode("utf-8", "replace"))
     if name and not meta.source_repo_url:  # a Hugging Face repo id
         meta.source_repo_url = meta.source_url = f"https://huggingface.co/{model_name}"
     meta.set_gguf_meta_model(writer)

@@ -12,6 +12,7 @@ which safetensors' own API does not expose. Pickles are opened only with
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -115,29 +116,91 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
                               "retry, or download the repo and pass its local folder") from exc
 
 
-def _safetensors_refs(file: Path) -> Iterator[TensorRef]:
+# Bytes per element of every dtype the safetensors format defines (its own table), so that a
+# header is checked whole even where plm-gguf later refuses the dtype.
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+                "F8_E8M0": 1, "C64": 8}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """The data start and the validated header of a safetensors file, checked as the format's
+    own library checks it: a JSON object of unique names; every entry a known dtype, a shape of
+    non-negative integers and [begin, end] offsets whose length is shape x dtype size; entries
+    contiguous and non-overlapping, covering the data exactly to the end of the file."""
     size = file.stat().st_size
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{file.name} is not a valid safetensors file: {what}",
+                               "download the file again; it may be truncated, corrupt or not safetensors")
+
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{file.name} is truncated (no header)", "download the file again")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100 * 2**20):
-            raise CheckpointError(f"{file.name} is not a safetensors file (bad header length)",
-                                  "download the file again; it may be truncated or an HTML error page")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{file.name} has a corrupt safetensors header ({exc})",
-                                  "download the file again") from exc
-    header.pop("__metadata__", None)
+        if header_len < 2 or header_len > min(size - 8, _MAX_HEADER):
+            raise bad(f"header length {header_len:,} for a file of {size:,} bytes")
+        text = fh.read(header_len)
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"corrupt header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not an object of strings")
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ST_ITEMSIZE:
+            raise CheckpointError(f"{file.name}: {name} is stored as {dtype!r}, a dtype plm-gguf does not know",
+                                  "export the checkpoint in bf16, f16 or f32")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"{name} has shape {shape!r}; a shape is a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise bad(f"{name} has data_offsets {offsets!r}; they are two integers [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"{name} has data_offsets {offsets}; begin must be >= 0 and <= end")
+        if end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise bad(f"{name} spans {end - begin:,} bytes but its shape {shape} of {dtype} needs "
+                      f"{math.prod(shape) * _ST_ITEMSIZE[dtype]:,}")
+        spans.append((begin, end, name))
     data_start = 8 + header_len
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if data_start + end > size:
-        raise CheckpointError(
-            f"{file.name} is truncated: its header needs {data_start + end:,} bytes, the file has {size:,}",
-            "download the file again",
-        )
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"{name} starts at {begin:,}, " + ("overlapping the tensor before it" if begin < position
+                                                          else f"leaving a gap after byte {position:,}"))
+        position = end
+    if data_start + position != size:
+        if data_start + position > size:
+            raise CheckpointError(
+                f"{file.name} is truncated: its header needs {data_start + position:,} bytes, the file has {size:,}",
+                "download the file again")
+        raise bad(f"{size - data_start - position:,} bytes after the last tensor")
+    return data_start, header
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"name {duplicate!r} appears twice")
+    return dict(pairs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _safetensors_refs(file: Path) -> Iterator[TensorRef]:
+    data_start, header = _safetensors_header(file)
     mapped = _Mmap(file)
     for name, info in header.items():
         begin, stop = info["data_offsets"]
@@ -194,6 +257,9 @@ def _torch_refs(file: Path) -> Iterator[TensorRef]:
         raise CheckpointError(f"{file.name} holds a {type(state).__name__}, not a state dict",
                               "save the model with model.state_dict()")
     for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{file.name} holds {name!r}: {type(tensor).__name__}, not a tensor",
+                                  "a PyTorch checkpoint for plm-gguf maps tensor names to tensors only")
         dtype = _TORCH_TO_ST.get(str(tensor.dtype), str(tensor.dtype).removeprefix("torch."))
 
         def read(t=tensor, dtype=dtype) -> np.ndarray:
@@ -210,10 +276,15 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index_name} is corrupt ({exc})", "restore it from the original checkpoint") from exc
-            files = sorted({folder / f for f in weight_map.values()})
+            shards = weight_map.values() if isinstance(weight_map, dict) else [None]
+            bad = next((f for f in shards if not isinstance(f, str) or Path(f).name != f or f in (".", "..")), False)
+            if bad is not False:
+                raise CheckpointError(f"{index_name} names shard {bad!r}, which is not a file name in {folder}",
+                                      "shards are files beside the index; restore the index from the original checkpoint")
+            files = sorted({folder / f for f in shards})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index_name} names shard(s) that are missing: {', '.join(missing[:3])}",
@@ -239,7 +310,11 @@ class Checkpoint:
         for file in self.files:
             reader = _safetensors_refs if file.suffix == ".safetensors" else _torch_refs
             for ref in reader(file):
+                if ref.name in self.refs:
+                    raise CheckpointError(f"{ref.name} is stored twice ({self.refs[ref.name].file.name} and {file.name})",
+                                          "remove the stray shard; each tensor belongs to one file")
                 self.refs[ref.name] = ref
+        self._check_layer_count()  # before the tensor table, whose size config.json decides
         self.specs = tensor_table(self.config)
         self._check_schema()
 
@@ -256,6 +331,19 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(self.refs[s.hf_name].nbytes for s in self.specs)
+
+    def input_files(self) -> list[Path]:
+        """Every file of the checkpoint folder: an output may never be one of them."""
+        return sorted({*self.files, *(p for p in self.folder.iterdir() if p.is_file())})
+
+    def _check_layer_count(self) -> None:
+        layers = {int(m.group(1)) for name in self.refs if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+        want = self.config.num_hidden_layers
+        if layers != set(range(want)):
+            found = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers else \
+                f"{len(layers)} layer index(es)"
+            raise CheckpointError(f"config.json has num_hidden_layers={want} but the weights hold {found}",
+                                  "the weights do not match config.json (wrong num_hidden_layers?) or a shard is missing")
 
     def _check_schema(self) -> None:
         expected = {s.hf_name for s in self.specs}

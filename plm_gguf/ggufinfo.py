@@ -48,7 +48,21 @@ class GGUFInfo:
 
     @property
     def arch(self) -> str | None:
-        return self.fields.get("general.architecture")
+        arch = self.fields.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def typed(self, key: str, kind: type) -> Any:
+        """A key that must be present with a value of KIND (int, float or str); a GGUFFormatError
+        names the key otherwise. Integers are accepted where a float is asked for."""
+        if key not in self.fields:
+            raise GGUFFormatError(f"key {key} is missing")
+        value = self.fields[key]
+        ok = (_is_int(value) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, kind))
+        if not ok:
+            raise GGUFFormatError(f"key {key} holds {value!r}, not {'an' if kind is int else 'a'} {kind.__name__}")
+        return value
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -94,13 +108,17 @@ def _parse(path: Path, buf: mmap.mmap, wanted: set[str]) -> GGUFInfo:
     if buf[:4] != b"GGUF":
         raise GGUFFormatError("no GGUF magic at the start")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version < 2:
-        raise GGUFFormatError(f"GGUF version {version} is too old")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"GGUF version {version} is not one llama.cpp reads (2 or 3)")
+    if n_kv > len(buf) // 13 or n_tensors > len(buf) // 29:  # the smallest entry of each kind
+        raise GGUFFormatError(f"the header claims {n_kv:,} keys and {n_tensors:,} tensors, more than the file holds")
     pos = 24
 
     def string() -> str:
         nonlocal pos
         (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > len(buf):
+            raise GGUFFormatError(f"a string of {n:,} bytes at byte {pos:,} runs past the end of the file")
         pos += 8 + n
         return bytes(buf[pos - n : pos]).decode("utf-8")
 
@@ -127,23 +145,42 @@ def _parse(path: Path, buf: mmap.mmap, wanted: set[str]) -> GGUFInfo:
         key = string()
         (kind,) = struct.unpack_from("<I", buf, pos)
         pos += 4
+        if key in fields:
+            raise GGUFFormatError(f"key {key} appears twice")
         fields[key] = value(VT(kind), key in wanted)
     infos = []
     for _ in range(n_tensors):
         name = string()
         (n_dims,) = struct.unpack_from("<I", buf, pos)
+        if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
+            raise GGUFFormatError(f"tensor {name} has {n_dims} dimensions (1 to 4 allowed)")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
         qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         infos.append((name, tuple(reversed(dims)), QT(qtype), offset))
-    align = int(fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    align = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not _is_int(align) or align <= 0 or align & (align - 1):
+        raise GGUFFormatError(f"general.alignment is {align!r}, not a power of two")
     data_start = pos + (-pos) % align
     tensors = {}
     for name, shape, qtype, offset in infos:
+        if name in tensors:
+            raise GGUFFormatError(f"tensor {name} appears twice")
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            raise GGUFFormatError(f"tensor {name} has type {qtype.name}, which has no block layout")
         block, size = gguf.GGML_QUANT_SIZES[qtype]
+        if shape[-1] % block:
+            raise GGUFFormatError(f"tensor {name}: rows of {shape[-1]} do not fit {qtype.name} blocks of {block}")
         n_bytes = int(np.prod(shape, dtype=np.int64)) // block * size
+        if offset % align or data_start + offset + n_bytes > len(buf):
+            raise GGUFFormatError(f"tensor {name}'s data (offset {offset:,}, {n_bytes:,} bytes) is misaligned "
+                                  f"or runs past the end of the file")
         tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, n_bytes)
     return GGUFInfo(path, fields, tensors)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_plm_gguf(path: Path | str, arrays: tuple[str, ...] = ()) -> GGUFInfo:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -79,7 +79,14 @@ class PLMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "PLMConfig":
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source} holds a JSON {type(raw).__name__}, not an object",
+                                  "restore the original config.json")
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs) \
+                or not isinstance(raw.get("model_type", ""), str):
+            raise CheckpointError(f"{source}: architectures must be a list of names and model_type a name",
+                                  "restore the original config.json")
         if PLM_ARCHITECTURE not in archs and raw.get("model_type") != "plm":
             found = ", ".join(archs) or raw.get("model_type") or "nothing"
             raise CheckpointError(
@@ -92,6 +99,7 @@ class PLMConfig:
                 f"{source} lacks {', '.join(missing)}",
                 "a PLM config.json carries every MLA size; copy it from the original checkpoint",
             )
+        _check_types(raw, source)
         if raw.get("q_lora_rank"):
             raise CheckpointError(
                 f"{source} has q_lora_rank={raw['q_lora_rank']}; PLM has a plain q_proj",
@@ -140,24 +148,79 @@ class PLMConfig:
         return cls.from_dict(raw, source=str(file))
 
 
+# Every config.json key plm-gguf reads: its type and the range a PLM-like model can have. Sizes
+# are checked before anything is sized by them (the tensor table, the reference model).
+_INT_RANGES = {
+    "hidden_size": (1, 65536), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024), "intermediate_size": (1, 1 << 20), "kv_lora_rank": (1, 65536),
+    "qk_nope_head_dim": (1, 4096), "qk_rope_head_dim": (2, 4096), "v_head_dim": (1, 4096),
+    "vocab_size": (1, 1 << 22), "max_position_embeddings": (1, 1 << 24), "q_lora_rank": (0, 65536),
+}
+_FLOAT_RANGES = {"rms_norm_eps": (0.0, 1.0), "rope_theta": (0.0, 1e12)}  # exclusive bounds
+_STR_KEYS = ("hidden_act", "torch_dtype")
+
+
+def _check_types(raw: dict, source: str) -> None:
+    """Raise on the first key of the wrong type or out of range (None means absent)."""
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {key} is {raw[key]!r}; it must be {want}",
+                               "restore the original config.json; these sizes must match the weights")
+
+    for key, (low, high) in _INT_RANGES.items():
+        value = raw.get(key)
+        if value is not None and not (_is_int(value) and low <= value <= high):
+            raise bad(key, f"an integer from {low} to {high:,}")
+    if raw["qk_rope_head_dim"] % 2:
+        raise bad("qk_rope_head_dim", "even (rotary embeddings turn pairs of dimensions)")
+    for key, (low, high) in _FLOAT_RANGES.items():
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and low < value < high):
+            raise bad(key, f"a number between {low:g} and {high:g}")
+    for key in _STR_KEYS:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise bad(key, "a string")
+    if not isinstance(raw.get("tie_word_embeddings", True), bool):
+        raise bad("tie_word_embeddings", "true or false")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = raw.get(key)
+        ids = value if isinstance(value, list) and value else [value]
+        if value is not None and not all(_is_int(i) and 0 <= i < raw["vocab_size"] for i in ids):
+            raise bad(key, f"a token id from 0 to {raw['vocab_size'] - 1} (or a list of them)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def config_from_gguf(path: Path) -> PLMConfig:
-    """The PLMConfig a PLM GGUF file describes (its plm.* metadata)."""
-    from plm_gguf.ggufinfo import read_plm_gguf
+    """The PLMConfig a PLM GGUF file describes (its plm.* metadata), every key type-checked and
+    range-checked as config.json is."""
+    from plm_gguf.errors import InputError
+    from plm_gguf.ggufinfo import GGUFFormatError, read_plm_gguf
 
     info = read_plm_gguf(path)
-    f = info.fields
-    rope = f["plm.rope.dimension_count"]
-    latent = "plm.attention.key_length_mla" in f  # absorbed MLA: per-head sizes in the *_mla keys
-    key_length = f["plm.attention.key_length_mla" if latent else "plm.attention.key_length"]
-    return PLMConfig(
-        hidden_size=f["plm.embedding_length"], num_hidden_layers=f["plm.block_count"],
-        num_attention_heads=f["plm.attention.head_count"], num_key_value_heads=f["plm.attention.head_count"],
-        intermediate_size=f["plm.feed_forward_length"], kv_lora_rank=f["plm.attention.kv_lora_rank"],
-        qk_nope_head_dim=key_length - rope, qk_rope_head_dim=rope,
-        v_head_dim=f["plm.attention.value_length_mla" if latent else "plm.attention.value_length"], vocab_size=info.tensors["token_embd.weight"].shape[0],
-        max_position_embeddings=f["plm.context_length"], rms_norm_eps=f["plm.attention.layer_norm_rms_epsilon"],
-        rope_theta=f["plm.rope.freq_base"],
-    )
+    latent = "plm.attention.key_length_mla" in info.fields  # absorbed MLA: per-head sizes in the *_mla keys
+    try:
+        i = lambda key: info.typed(f"plm.{key}", int)  # noqa: E731
+        rope, key_length = i("rope.dimension_count"), i("attention.key_length_mla" if latent else "attention.key_length")
+        embd = info.tensors.get("token_embd.weight")
+        if embd is None:
+            raise GGUFFormatError("tensor token_embd.weight is missing")
+        raw = {
+            "model_type": "plm", "hidden_size": i("embedding_length"), "num_hidden_layers": i("block_count"),
+            "num_attention_heads": i("attention.head_count"), "intermediate_size": i("feed_forward_length"),
+            "kv_lora_rank": i("attention.kv_lora_rank"), "qk_nope_head_dim": key_length - rope,
+            "qk_rope_head_dim": rope, "v_head_dim": i("attention.value_length_mla" if latent else "attention.value_length"),
+            "vocab_size": embd.shape[0], "max_position_embeddings": i("context_length"),
+            "rms_norm_eps": info.typed("plm.attention.layer_norm_rms_epsilon", float),
+            "rope_theta": info.typed("plm.rope.freq_base", float),
+        }
+        config = PLMConfig.from_dict(raw, source=str(path))
+    except (GGUFFormatError, CheckpointError) as exc:
+        raise InputError(f"{path} has broken PLM metadata: {getattr(exc, 'message', exc)}",
+                         "convert the checkpoint again with plm-gguf convert") from exc
+    return replace(config, num_key_value_heads=config.num_attention_heads, defaulted=())
 
 
 def kv_cache_bytes(config: PLMConfig, n_ctx: int, bytes_per_value: float = 2.0, latent: bool = False) -> int:

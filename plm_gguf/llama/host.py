@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plm_gguf.cache import cache_dir
+from plm_gguf.cache import cache_dir, sha256_file
 from plm_gguf.errors import LlamaCppError
 from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION, isa
 from plm_gguf.llama.build import BuildProgress, Log, cached_entry, cmake_build
@@ -175,7 +175,9 @@ def _build_checked(src: Path, label: str, staging: Path, mla_patch: bool, log: L
         "glibc": "", "uses": [], "isa": level.level, "isa_features": list(level.features),
         "isa_probe": level.probed, "isa_requested": level.requested, "cmake_flags": [*CMAKE_FLAGS, *level.cmake_args],
         "self_check": attempts, "binaries": sorted(p.name for p in out.iterdir()),
-        "sizes": {p.name: p.stat().st_size for p in out.iterdir()}, "seconds": round(time.monotonic() - started, 1),
+        "sizes": {p.name: p.stat().st_size for p in out.iterdir()},
+        "sha256": {p.name: sha256_file(p) for p in out.iterdir()},  # checked before anything is deployed
+        "seconds": round(time.monotonic() - started, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

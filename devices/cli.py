@@ -34,16 +34,25 @@ def _progress(event: str, detail: str) -> None:
 
 
 def cmd_list() -> None:
-    """List device profiles (shipped and your own)."""
+    """List device profiles (shipped and your own); a profile that does not load is a warning."""
+    from plm_gguf.errors import UsageError
+
     from .profiles import SHIPPED_DIR, list_profiles, load_profile, user_profile_dir
 
     table = Table("name", "transport", "target", "description")
+    broken = []
     for name in list_profiles():
-        p = load_profile(name)
+        try:
+            p = load_profile(name)
+        except UsageError as err:
+            broken.append(err.message)
+            continue
         target = p.target.toolchain if p.target.toolchain == "native" else f"{p.target.triple} {p.target.mcpu}"
         mark = "" if Path(p.source).parent == SHIPPED_DIR else " (yours)"
         table.add_row(escape(name + mark), p.transport.kind, escape(target), escape(p.description))
     console.print(table)
+    for message in broken:
+        console.print(f"[yellow]warning:[/] {escape(message)} (not listed)", soft_wrap=True)
     console.print(f"[dim]add your own as {user_profile_dir()}/NAME.toml (`extends = \"rpi5\"` to start from one)[/]")
 
 

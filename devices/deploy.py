@@ -2,12 +2,19 @@
 
 ``deploy()`` is the one entry point the CLI and the README demo call; ``undeploy()`` removes
 what it put on the device (listed in a manifest it keeps there).
+
+plm-gguf touches only what that manifest lists. A deploy goes into a folder that is new, empty,
+or holds the manifest; it never writes over a file the manifest does not list, and it lists
+every file before sending it (so an interrupted deploy is still accounted for). Undeploy
+removes listed files one by one and the folder only when that leaves it empty. A manifest
+that cannot be read is an error, never a reason to remove anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import shlex
 import tempfile
 from dataclasses import dataclass, field
@@ -19,12 +26,29 @@ from plm_gguf.errors import DeviceError, UsageError
 
 from . import checks, toolchain
 from .facts import DeviceFacts, parse_probe, probe_script
-from .profiles import Profile, load_profile, with_overrides
+from .profiles import INSTALL_DIR_HINT, Profile, check_install_dir, load_profile, with_overrides
 from .runner import BenchResult, ServerInfo, run_bench, smoke_test, start_server, stop_server
-from .transports import Transport, connect, quote_path, sh
+from .transports import Transport, connect, plain_name, quote_path, sh
 
 MANIFEST = "plm-gguf-deploy.json"
+RUNTIME = ("server.log", "server.pid")  # what a deploy that serves writes beside the files it sends
+MANIFEST_MAX = 1 << 20  # bytes of it read: a larger one is corrupt
 Progress = Callable[[str, str], None]
+# What the install folder holds, in one round trip: the real paths of it and of $HOME, the first
+# entry that is neither the manifest nor an upload in progress, which of NAMES exist, the manifest.
+INSPECT_SCRIPT = r"""d={dir}
+h=; [ -n "$HOME" ] && h=$(cd "$HOME" 2>/dev/null && pwd -P); printf '@home %s\n' "$h"
+{ [ -e "$d" ] || [ -L "$d" ]; } || exit 0
+[ -d "$d" ] || { echo @notdir; exit 0; }
+printf '@real %s\n' "$(cd "$d" 2>/dev/null && pwd -P)"
+for e in "$d"/* "$d"/.*; do
+  n=${e##*/}; { [ -e "$e" ] || [ -L "$e" ]; } || continue
+  case "$n" in .|..|{manifest}|{temporaries}) ;; *) printf '@other %s\n' "$n" | head -n 1; break ;; esac
+done
+for n in {names}; do { [ -e "$d/$n" ] || [ -L "$d/$n" ]; } && printf '@has %s\n' "$n"; done
+[ -f "$d/"{manifest} ] && { echo @manifest; head -c {max} "$d/"{manifest}; }
+exit 0
+"""
 
 
 @dataclass
@@ -78,19 +102,105 @@ def suggest_profiles(facts: DeviceFacts) -> list[str]:
     return [name for _, name in sorted(fits)]
 
 
-def _abs_dir(install_dir: str, facts: DeviceFacts) -> str:
-    if install_dir == "~" or install_dir.startswith("~/"):
-        if not facts.home:
-            raise DeviceError("the device reports no $HOME for the ~ in install_dir", "use an absolute install_dir")
-        return facts.home.rstrip("/") + install_dir[1:]
-    return install_dir
+def _normal(path: str) -> str:
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def install_folder(profile: Profile, facts: DeviceFacts) -> str:
+    """The absolute install folder: ~ and relative paths are under the device's $HOME, and it is
+    neither / nor the home folder itself (profiles.check_install_dir has the other rules)."""
+    path = check_install_dir(profile.install_dir, f"profile {profile.name}")
+    home = facts.home if facts.home.startswith("/") else ""
+    if not path.startswith("/"):
+        if not home:
+            raise DeviceError(f"the device reports no $HOME for install_dir {profile.install_dir!r}",
+                              "use an absolute install_dir")
+        path = f"{home}/{path[2:] if path.startswith('~/') else path}"
+    folder = _normal(path)
+    if home and folder == _normal(home):
+        raise DeviceError(f"install_dir {profile.install_dir!r} is {folder}, the home folder on the device",
+                          INSTALL_DIR_HINT)
+    return folder
+
+
+@dataclass
+class InstallDir:
+    """What the install folder holds, as far as plm-gguf cares."""
+    folder: str
+    device: str
+    manifest: dict | None  # None: no manifest there
+    present: set[str]  # the names asked about that exist there
+    other: str  # an entry that is neither the manifest nor an upload in progress ('' when none)
+
+
+def _manifest_ok(data: object) -> bool:
+    """A JSON object whose files are plain names in the folder and whose forward_port is a port."""
+    if not isinstance(data, dict):
+        return False
+    files, port = data.get("files", []), data.get("forward_port")
+    return (isinstance(files, list) and all(isinstance(n, str) and plain_name(n) for n in files)
+            and (port is None or (type(port) is int and 0 < port < 65536)))
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """The install manifest, checked: one that cannot be read is an error, never a reason to remove things."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if not _manifest_ok(data):
+        raise DeviceError(f"the deploy manifest {where} is corrupt (not the JSON plm-gguf writes)",
+                          "plm-gguf removes and overwrites only what that file lists, so it stopped: look at the "
+                          "folder, then empty it by hand or choose another install_dir")
+    return data
+
+
+def inspect_folder(transport: Transport, folder: str, names: list[str] | tuple[str, ...] = ()) -> InstallDir:
+    """What the folder holds; refuses a folder that is no folder, is / or $HOME (symlinks resolved
+    on the device), or has a corrupt manifest."""
+    script = (INSPECT_SCRIPT.replace("{dir}", shlex.quote(folder)).replace("{manifest}", shlex.quote(MANIFEST))
+              .replace("{temporaries}", "|".join(shlex.quote(f".{n}.partial") for n in [*names, MANIFEST]))
+              .replace("{names}", " ".join(map(shlex.quote, names))).replace("{max}", str(MANIFEST_MAX)))
+    lines = transport.run(script, timeout=60).stdout.split("\n")
+    cut = lines.index("@manifest") if "@manifest" in lines else len(lines)  # the manifest's text follows
+    tags = [line.partition(" ")[::2] for line in lines[:cut]]
+    first = {tag: value for tag, value in reversed(tags)}
+    device = transport.describe()
+    if "@notdir" in first:
+        raise DeviceError(f"install_dir {folder} on {device} is not a folder", INSTALL_DIR_HINT)
+    real, home = first.get("@real", ""), first.get("@home", "")
+    if real and real in ("/", home):
+        raise DeviceError(f"install_dir {folder} on {device} is {real}, the {'root' if real == '/' else 'home'} folder",
+                          INSTALL_DIR_HINT)
+    manifest = (parse_manifest("\n".join(lines[cut + 1:]), f"{folder}/{MANIFEST} on {device}")
+                if cut < len(lines) else None)
+    return InstallDir(folder, device, manifest, {v for t, v in tags if t == "@has"}, first.get("@other", ""))
+
+
+def writable_manifest(transport: Transport, folder: str, names: list[str]) -> dict:
+    """The manifest of a folder deploy may write NAMES into ({} for a new one): refused when the
+    folder holds files plm-gguf did not put there, or a NAME its manifest does not list."""
+    state = inspect_folder(transport, folder, names)
+    if state.manifest is None and state.other:
+        raise DeviceError(f"install_dir {folder} on {state.device} holds {state.other!r}, which plm-gguf did not "
+                          f"put there (the folder has no {MANIFEST})",
+                          "choose an empty folder, such as ~/plm-gguf, or one plm-gguf deployed to")
+    manifest = state.manifest or {}
+    foreign = sorted(state.present - set(manifest.get("files", [])))
+    if foreign:
+        raise DeviceError(f"install_dir {folder} on {state.device} holds {', '.join(foreign)}, which plm-gguf did "
+                          f"not install (its {MANIFEST} does not list it); nothing was overwritten",
+                          "move that file away, or choose another install_dir")
+    return manifest
 
 
 def remote_state(transport: Transport, folder: str, names: list[str]) -> tuple[dict[str, str], dict[str, int]]:
     """sha256 of the installed files, and the sizes of partial uploads left by an interrupted deploy."""
     quoted = " ".join(map(shlex.quote, names))
+    # sha256sum reads stdin: it escapes names with a backslash when it prints them
     script = (f"cd {shlex.quote(folder)} 2>/dev/null || exit 0; for f in {quoted}; do "
-              '[ -f "$f" ] && sha256sum "$f"; [ -f ".$f.partial" ] && echo "@partial $(wc -c < ".$f.partial") $f"; '
+              '[ -f "$f" ] && h=$(sha256sum < "$f") && printf "%s %s\\n" "${h%% *}" "$f"; '
+              '[ -f ".$f.partial" ] && echo "@partial $(wc -c < ".$f.partial") $f"; '
               "done; exit 0")
     hashes, partials = {}, {}
     for line in transport.run(script, timeout=600).stdout.splitlines():
@@ -98,8 +208,8 @@ def remote_state(transport: Transport, folder: str, names: list[str]) -> tuple[d
             _, size, name = line.split(" ", 2)
             partials[name] = int(size)
         else:
-            digest, _, name = line.strip().partition(" ")
-            hashes[name.strip().lstrip("*")] = digest
+            digest, _, name = line.partition(" ")
+            hashes[name] = digest
     return hashes, partials
 
 
@@ -128,7 +238,6 @@ def push_files(transport: Transport, folder: str, files: dict[str, Path], execut
     """Send what differs: to a temporary name (resuming an interrupted upload), sha256 checked, renamed."""
     if facts.tools and "sha256sum" not in facts.tools:
         raise DeviceError("the device has no sha256sum to verify uploads", "install coreutils or busybox on the device")
-    transport.run(sh("mkdir", "-p", folder), timeout=30)
     local = {name: sha256_file(path) for name, path in files.items()}
     there, partials = remote_state(transport, folder, list(files))
     todo = [n for n in files if there.get(n) != local[n]]
@@ -143,7 +252,7 @@ def push_files(transport: Transport, folder: str, files: dict[str, Path], execut
             resumed[name] = offset
         else:
             transport.put(files[name], partial)
-        got = transport.run(sh("sha256sum", partial), timeout=600).stdout.split()[:1]
+        got = transport.run(f"sha256sum < {sh(partial)}", timeout=600).stdout.split()[:1]
         if got != [local[name]]:
             transport.run(sh("rm", "-f", partial), timeout=30, check=False)
             raise DeviceError(f"{name} arrived corrupted on the device (sha256 mismatch)", "run the deploy again")
@@ -152,20 +261,21 @@ def push_files(transport: Transport, folder: str, files: dict[str, Path], execut
     return todo, [n for n in files if n not in todo], resumed
 
 
-def _read_manifest(transport: Transport, folder: str) -> dict:
-    out = transport.run(sh("cat", f"{folder}/{MANIFEST}") + " 2>/dev/null; exit 0", timeout=30).stdout
-    try:
-        return json.loads(out) if out.strip() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def _write_manifest(transport: Transport, folder: str, data: dict) -> None:
+    transport.run(sh("mkdir", "-p", folder), timeout=30)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MANIFEST
         path.write_text(json.dumps(data, indent=2, sort_keys=True))
         transport.put(path, f"{folder}/.{MANIFEST}.partial")
     transport.run(sh("mv", "-f", f"{folder}/.{MANIFEST}.partial", f"{folder}/{MANIFEST}"), timeout=30)
+
+
+def claim(transport: Transport, folder: str, names: list[str], **fields: object) -> None:
+    """List NAMES (and FIELDS) in the folder's manifest before any of them is sent, so that an
+    interrupted deploy is accounted for; refused where writable_manifest refuses."""
+    manifest = writable_manifest(transport, folder, names)
+    manifest.update(fields, files=sorted(set(manifest.get("files", [])) | set(names)))
+    _write_manifest(transport, folder, manifest)
 
 
 def target_manifest(profile: Profile, glibc: str = "") -> dict:
@@ -220,21 +330,25 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     progress = progress or (lambda event, detail: None)
     profile = profile or resolve_profile(profile_name, address=address)
     model = checks.read_model(Path(model_path).expanduser())
+    if not plain_name(model.path.name):
+        raise UsageError(f"the model's file name {model.path.name!r} has a control character (a newline, ...)",
+                         "rename the file")
     transport = connect(profile)
     progress("probe", transport.describe())
     facts = probe(profile, transport)
+    folder = install_folder(profile, facts)
     ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch, flash_attn)
+    writable_manifest(transport, folder, [model.path.name])  # a folder deploy may not fill: refused before building
     n_threads = threads or checks.default_threads(profile.threads, facts)
     progress("build", profile.name)
     built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch, server=bool(serve_port),
                             log=lambda line: progress("build", line))
-    folder = _abs_dir(profile.install_dir, facts)
+    toolchain.verify_build(built)
     files = {**built.binaries, model.path.name: model.path}
+    served = {"forward_port": forward_port or serve_port} if serve_port else {}
+    claim(transport, folder, [*files, *(RUNTIME if serve_port else ())], build=built.key, profile=profile.name,
+          model=model.path.name, **served)
     sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress)
-    manifest = _read_manifest(transport, folder)
-    manifest["files"] = sorted(set(manifest.get("files", [])) | set(files))
-    manifest.update(build=built.key, profile=profile.name, model=model.path.name)
-    _write_manifest(transport, folder, manifest)
     result = DeployResult(profile.name, transport.describe(), facts, built.key, folder, f"{folder}/{model.path.name}",
                           ctx, n_threads, plan, sent, skipped, resumed, warnings)
     result.kernels = [f for f in ("i8mm", "asimddp", "fphp") if f in built.manifest.get("uses", ())]
@@ -252,27 +366,25 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
         progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
         result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,
                                      forward_port, flash_attn=plan.flash_attn)
-        manifest.update(forward_port=forward_port or serve_port)
-        _write_manifest(transport, folder, manifest)
     return result
 
 
 def undeploy(profile_name: str = "host", *, profile: Profile | None = None, address: str = "") -> list[str]:
-    """Stop the server and remove every file deploy put in the install dir; the dir too if empty."""
+    """Stop the server (once the device confirms its pid is that server) and remove the files the
+    manifest lists, and their unfinished uploads; the folder too when that leaves it empty."""
     profile = profile or resolve_profile(profile_name, address=address)
     transport = connect(profile)
     facts = probe(profile, transport)
-    folder = _abs_dir(profile.install_dir, facts)
-    manifest = _read_manifest(transport, folder)
-    if not manifest:
-        raise DeviceError(f"nothing deployed by plm-gguf in {folder} on {transport.describe()}",
+    folder = install_folder(profile, facts)
+    manifest = inspect_folder(transport, folder).manifest
+    if manifest is None:
+        raise DeviceError(f"nothing deployed by plm-gguf in {folder} on {transport.describe()} (no {MANIFEST})",
                           "check --device/--address")
     stop_server(transport, folder, manifest.get("forward_port"))
-    names = list(manifest.get("files", [])) + ["server.log", "server.pid", MANIFEST]
-    partials = [f".{n}.partial" for n in names]
-    paths = [f"{folder}/{n}" for n in names + partials if "/" not in n]
+    files = list(manifest.get("files", []))
+    paths = [f"{folder}/{n}" for name in [*files, MANIFEST] for n in (name, f".{name}.partial")]
     transport.run(sh("rm", "-f", *paths) + "; " + sh("rmdir", folder) + " 2>/dev/null; exit 0", timeout=60)
-    return list(manifest.get("files", []))
+    return files
 
 
 __all__ = ["DeployResult", "deploy", "undeploy", "probe", "preflight", "resolve_profile"]

@@ -3,11 +3,17 @@
 Lookup order for a name: the user's profile folder (``plm-gguf devices list`` prints it), then
 the profiles shipped in ``plm_gguf/devices/profiles``. A path to a ``.toml`` file is loaded
 as is. A profile may say ``extends = "rpi5"`` to take another profile and change a few keys.
+
+Every file is checked when it is read: each key against the type :data:`SCHEMA` gives it, an
+unknown key named. ``install_dir`` must be a folder of its own (deploy writes there, undeploy
+removes from there): not ``/``, not the home folder itself, no ``..``, no control characters. A
+leading ``~`` or ``$HOME`` is the device's home; a relative path is taken under it too.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,25 @@ else:  # pragma: no cover - Python 3.10
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 TRANSPORT_KINDS = ("ssh", "adb", "local")
 TOOLCHAINS = ("zig", "ndk", "native")
+
+STR, INT, STRS, STR_OR_STRS = "a string", "an integer", "a list of strings", "a string or a list of strings"
+TYPE_CHECKS = {
+    STR: lambda v: isinstance(v, str),
+    INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    STR_OR_STRS: lambda v: isinstance(v, str) or TYPE_CHECKS[STRS](v),
+}
+# What each key of a profile file must be; a dict is a [table] with its own keys.
+SCHEMA: dict[str, Any] = {
+    "extends": STR, "description": STR, "install_dir": STR, "threads": INT, "ctx": INT, "headroom_mib": INT,
+    "exec_wrapper": STR_OR_STRS,
+    "transport": {"kind": STR, "host": STR, "user": STR, "port": INT, "known_hosts": STR, "identity_file": STR,
+                  "ssh_config": STR, "options": STRS, "serial": STR},
+    "target": {"toolchain": STR, "triple": STR, "glibc": STR, "mcpu": STR, "uses": STRS, "ndk": STR},
+}
+CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # a newline, NUL, ...: never part of a path plm-gguf writes
+HOME_VAR = re.compile(r"^\$(?:HOME|\{HOME\})(?=/|$)")
+INSTALL_DIR_HINT = "choose a folder of its own that plm-gguf may fill and empty, such as ~/plm-gguf"
 
 
 def user_profile_dir() -> Path:
@@ -87,11 +112,65 @@ class Profile:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"profile file not found: {path}", "check the path") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise UsageError(f"profile {path} cannot be read: {exc.strerror}", "check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"profile {path} is not valid TOML: {exc}", "fix the file") from None
+    _check_types(data, SCHEMA, path)
+    return data
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return next((n for t, n in names.items() if isinstance(value, t)), "a date or time")
+
+
+def _check_types(data: dict[str, Any], schema: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Each key known and of its type, or a UsageError naming the file, the key and the type expected."""
+    for key, value in data.items():
+        name, expected = prefix + key, schema.get(key)
+        if expected is None:
+            raise UsageError(f"profile {path}: unknown key {name!r}",
+                             f"the keys{f' of [{prefix[:-1]}]' if prefix else ''} are: {', '.join(schema)}")
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise UsageError(f"profile {path}: {name} has the wrong type: expected a table, got {_type_name(value)}",
+                                 f"write it as a [{name}] section")
+            _check_types(value, expected, path, f"{name}.")
+        elif not TYPE_CHECKS[expected](value):
+            raise UsageError(f"profile {path}: {name} has the wrong type: expected {expected}, got {_type_name(value)}",
+                             "compare with a shipped profile (`plm-gguf devices show rpi5`)")
+
+
+def _install_dir_problem(path: str) -> str:
+    """What makes `path` unsafe as a folder plm-gguf fills and empties ('' when nothing)."""
+    if not path.strip():
+        return "is empty"
+    if CONTROL_CHAR.search(path):
+        return "contains a control character (a newline, NUL, ...)"
+    if "$" in path:
+        return "names a variable: only a leading ~ or $HOME is expanded"
+    if path.startswith("~") and path != "~" and not path.startswith("~/"):
+        return "starts with ~user: only ~/ is expanded"
+    parts = path.split("/")
+    if ".." in parts:
+        return "climbs out of its folder with '..'"
+    below = [p for p in (parts[1:] if path.startswith("~") else parts) if p not in ("", ".")]  # under / or ~
+    if not below:
+        return "is the root folder" if path.startswith("/") else "is the home folder itself"
+    return ""
+
+
+def check_install_dir(value: str, where: str) -> str:
+    """The install_dir with a leading $HOME written as ~, or a UsageError saying what makes it unsafe."""
+    path = HOME_VAR.sub("~", value)
+    problem = _install_dir_problem(path)
+    if problem:
+        raise UsageError(f"{where}: install_dir {value!r} {problem}", INSTALL_DIR_HINT)
+    return path
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -155,42 +234,39 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Profile:
         raise UsageError(f"{where}: target.triple is missing", "e.g. triple = \"aarch64-linux-musl\"")
     if "install_dir" not in data:
         raise UsageError(f"{where}: install_dir is missing", "e.g. install_dir = \"~/plm-gguf\"")
-    try:
-        tspec = TransportSpec(
-            kind=kind,
-            host=str(transport.get("host", "")),
-            user=str(transport.get("user", "")),
-            port=int(transport.get("port", 0)),
-            known_hosts=str(transport.get("known_hosts", "")),
-            identity_file=str(transport.get("identity_file", "")),
-            ssh_config=str(transport.get("ssh_config", "")),
-            options=tuple(str(o) for o in transport.get("options", ())),
-            serial=str(transport.get("serial", "")),
-        )
-        gspec = TargetSpec(
-            toolchain=toolchain,
-            triple=str(target.get("triple", "")),
-            glibc=str(target.get("glibc", "")),
-            mcpu=str(target.get("mcpu", "")),
-            uses=tuple(str(f) for f in target.get("uses", ())),
-        )
-        wrapper = data.get("exec_wrapper", ())
-        wrapper = tuple(wrapper.split()) if isinstance(wrapper, str) else tuple(wrapper)
-        return Profile(
-            name=name,
-            description=str(data.get("description", "")),
-            transport=tspec,
-            target=gspec,
-            install_dir=str(data["install_dir"]),
-            threads=int(data.get("threads", 0)),
-            ctx=int(data.get("ctx", 2048)),
-            headroom_mib=int(data.get("headroom_mib", 256)),
-            exec_wrapper=wrapper,
-            source=str(path),
-            raw=data,
-        )
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: a value has the wrong type: {exc}", "compare with a shipped profile") from None
+    tspec = TransportSpec(
+        kind=kind,
+        host=transport.get("host", ""),
+        user=transport.get("user", ""),
+        port=transport.get("port", 0),
+        known_hosts=transport.get("known_hosts", ""),
+        identity_file=transport.get("identity_file", ""),
+        ssh_config=transport.get("ssh_config", ""),
+        options=tuple(transport.get("options", ())),
+        serial=transport.get("serial", ""),
+    )
+    gspec = TargetSpec(
+        toolchain=toolchain,
+        triple=target.get("triple", ""),
+        glibc=target.get("glibc", ""),
+        mcpu=target.get("mcpu", ""),
+        uses=tuple(target.get("uses", ())),
+    )
+    wrapper = data.get("exec_wrapper", ())
+    wrapper = tuple(wrapper.split()) if isinstance(wrapper, str) else tuple(wrapper)
+    return Profile(
+        name=name,
+        description=data.get("description", ""),
+        transport=tspec,
+        target=gspec,
+        install_dir=check_install_dir(data["install_dir"], where),
+        threads=data.get("threads", 0),
+        ctx=data.get("ctx", 2048),
+        headroom_mib=data.get("headroom_mib", 256),
+        exec_wrapper=wrapper,
+        source=str(path),
+        raw=data,
+    )
 
 
 def load_profile(name_or_path: str) -> Profile:

@@ -3,11 +3,16 @@
 Flash attention is on or off as deploy decided (checks.resolve_flash_attn): on for latent-layout
 files by default (the patched build's fastest path for them), always off for stock-layout PLM
 files, where llama.cpp's flash-attention path aborts.
+
+A server is stopped by the pid it recorded in server.pid, and only after /proc/PID/cmdline on
+the device shows that process runs the installed llama-server: a pid file that names another
+process (reused after a reboot, or written by hand) never gets anything killed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from plm_gguf.errors import DeviceError
@@ -17,6 +22,8 @@ from .profiles import Profile
 from .transports import AdbTransport, SshTransport, Transport, exec_argv, sh
 
 SMOKE_PROMPT = "The capital of France is"
+SERVER = "llama-server"
+PID = re.compile(r"[1-9][0-9]{0,6}")  # Linux pids go up to 2**22
 SIGNALS = {132: "SIGILL (illegal instruction: the build uses CPU features the device lacks)",
            134: "SIGABRT (llama.cpp aborted)", 137: "SIGKILL (out of memory?)", 139: "SIGSEGV"}
 
@@ -131,7 +138,7 @@ def start_server(transport: Transport, profile: Profile, folder: str, model: str
                  port: int, forward_port: int | None = None, flash_attn: bool = False) -> ServerInfo:
     """llama-server bound to 127.0.0.1 under nohup; then the forward that makes it reachable here."""
     stop_server(transport, folder)  # a server this tool started before; the forward is rebound below
-    cmd = exec_argv(profile, f"{folder}/llama-server", "-m", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = exec_argv(profile, f"{folder}/{SERVER}", "-m", model, "--host", "127.0.0.1", "--port", str(port),
                     "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn))
     # `cd || exit` on its own: `cd && nohup ... &` would background a subshell holding the session open.
     pidfile = sh(f"{folder}/server.pid")
@@ -155,9 +162,43 @@ def start_server(transport: Transport, profile: Profile, folder: str, model: str
 
 
 def stop_server(transport: Transport, folder: str, port: int | None = None) -> None:
-    """Stop the llama-server this tool started (by the pid it recorded), and its adb forward."""
-    pidfile = sh(f"{folder}/server.pid")
-    transport.run(f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; exit 0",
-                  timeout=30, check=False)
+    """Stop the llama-server this tool started (by the pid it recorded, once /proc confirms the
+    process is that server), and its adb forward. A pid file naming another process is an error
+    and that process is left alone; a pid file of a process that is gone is removed."""
+    pidfile = f"{folder}/server.pid"
+    pid = _recorded_pid(transport, pidfile)
+    if pid is not None:
+        _stop_if_ours(transport, pid, f"{folder}/{SERVER}", pidfile)
     if port and isinstance(transport, AdbTransport):
         transport.remove_forward(port)  # port: the local end of the forward
+
+
+def _recorded_pid(transport: Transport, pidfile: str) -> int | None:
+    """The pid in server.pid (None without the file); anything else in it is refused."""
+    out = transport.run(f"[ -f {sh(pidfile)} ] || exit 0; echo @pid; head -c 64 {sh(pidfile)}", timeout=30).stdout
+    if not out.startswith("@pid\n"):
+        return None
+    text = out[len("@pid\n"):].strip()
+    if not PID.fullmatch(text):
+        raise DeviceError(f"{pidfile} holds {text[:40]!r}, not a process id",
+                          "plm-gguf stops only the server it started and nothing was stopped: "
+                          "look at the file, remove it by hand, and run again")
+    return int(text)
+
+
+def _stop_if_ours(transport: Transport, pid: int, binary: str, pidfile: str) -> None:
+    """kill `pid` only when one of its arguments is `binary` (the server itself, or behind an exec_wrapper)."""
+    cmdline = f"/proc/{pid}/cmdline"
+    gone = f"[ ! -d /proc/{pid} ] || grep -q '^State:[[:space:]]*Z' /proc/{pid}/status"  # exited (a zombie too)
+    script = (f"if {gone}; then rm -f {sh(pidfile)}; echo @gone; "
+              f"elif tr '\\000' '\\n' < {cmdline} | grep -qxF -e {sh(binary)}; then "
+              f"kill {pid} && rm -f {sh(pidfile)} && echo @stopped; "
+              f"else echo @other; tr '\\000' ' ' < {cmdline} | head -c 200; fi")
+    said, _, command = transport.run(script, timeout=30, check=False).stdout.partition("\n")
+    if said in ("@gone", "@stopped"):
+        return
+    if said == "@other":
+        raise DeviceError(f"{pidfile} names process {pid}, which is not the {SERVER} plm-gguf started "
+                          f"({command.strip()[:80] or 'no command line'}); it was left running",
+                          f"nothing was stopped or removed; if plm-gguf's server is gone, remove {pidfile} and run again")
+    raise DeviceError(f"could not stop {SERVER} (pid {pid})", f"stop it by hand, remove {pidfile}, and run again")

@@ -8,7 +8,8 @@ error naming it, with the stock build as the way out; nothing is built from a ha
 Builds are cached under ``cache_dir()/builds/KEY`` where KEY names the llama.cpp source, the
 target and a hash of everything that went into the build. A file lock serialises builds of one
 key; a build is assembled in a staging folder and renamed into place only when complete, so a
-failed or interrupted build leaves no half entry.
+failed or interrupted build leaves no half entry. The manifest records each output's size and
+sha256; :func:`verify_build` refuses outputs that changed since, before anything is deployed.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plm_gguf.cache import cache_dir, llama_cpp_source
+from plm_gguf.cache import cache_dir, llama_cpp_source, sha256_file
 from plm_gguf.errors import DeviceError, LlamaCppError, UsageError
 from plm_gguf.llama import patches as llama_patches
 from plm_gguf.llama.build import BuildProgress, cached_entry, cmake_build
 from plm_gguf.llama.host import find_host_build, host_build, host_key
 
 from .profiles import Profile, TargetSpec
+from .transports import plain_name
 
 # llama-cli in this llama.cpp is an interactive chat client built on the server; the
 # non-interactive generator is llama-completion.
@@ -238,6 +240,25 @@ def build(profile: Profile, source: str | Path | None = None, *, glibc: str = ""
     return Build(key, entry, manifest)
 
 
+def verify_build(build: Build) -> None:
+    """Refuse outputs that are not the files the build made: each one's sha256 against the
+    manifest's, or its size where the manifest records no sha256 (entries made before it did)."""
+    sums, sizes = build.manifest.get("sha256", {}), build.manifest.get("sizes", {})
+    for name in build.manifest.get("binaries", ()):
+        path = build.path / "bin" / name
+        why = "is not a plain file name" if not plain_name(name) else "is missing" if not path.is_file() else ""
+        if not why and name in sums:
+            digest = sha256_file(path)
+            if digest != sums[name]:
+                why = f"has sha256 {digest[:16]}..., not the {str(sums[name])[:16]}... the build recorded"
+        elif not why and path.stat().st_size != sizes.get(name):
+            why = f"has {path.stat().st_size} bytes, not the {sizes.get(name)} the build recorded"
+        if why:
+            raise DeviceError(f"{name} in the llama.cpp build {build.key} {why}",
+                              f"the cached build changed after it was made: delete {build.path} and deploy again "
+                              "(it builds llama.cpp anew)")
+
+
 def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int, log, mla_patch: bool) -> dict:
     patches = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _patch_files()} if mla_patch else {}
     tree = _patched_tree(src, staging, label) if mla_patch else src
@@ -270,6 +291,7 @@ def _run_build(profile: Profile, src: Path, label: str, staging: Path, jobs: int
         "triple": profile.target.triple or platform.machine(),
         "arch": profile.target.arch or platform.machine(), "libc": profile.target.libc, "glibc": profile.target.glibc,
         "mcpu": profile.target.mcpu, "uses": list(profile.target.uses), "max_page_size": MAX_PAGE_SIZE,
-        "binaries": sorted(sizes), "sizes": sizes, "seconds": round(time.monotonic() - started, 1),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "binaries": sorted(sizes), "sizes": sizes,
+        "sha256": {name: sha256_file(staging / "bin" / name) for name in sorted(sizes)},
+        "seconds": round(time.monotonic() - started, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,23 +1,27 @@
 """Transports: how commands and files reach a device. Three verbs each: run, put, get.
 
 ``run`` takes a POSIX shell script (build it with :func:`sh`, which quotes every argument) and
-runs it on the device with a timeout. ``put`` and ``get`` copy one file. Everything above this
-module (probe, deploy, bench) is written once against :class:`Transport`.
+runs it on the device with a timeout. ``put`` and ``get`` copy one file; ``get`` writes a
+temporary beside the local file and renames it only when the copy is complete, so a failed
+copy leaves nothing behind. Everything above this module (probe, deploy, bench) is written
+once against :class:`Transport`.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from plm_gguf.errors import DeviceError, UsageError
 
-from .profiles import Profile, TransportSpec
+from .profiles import CONTROL_CHAR, Profile, TransportSpec
 
 DEFAULT_TIMEOUT = 120.0
 GENERIC_HINT = "check that the device is reachable: `plm-gguf devices probe DEVICE` runs one command there"
@@ -54,20 +58,50 @@ def sh(*argv: str | os.PathLike) -> str:
     return shlex.join(str(a) for a in argv)
 
 
+def plain_name(name: str) -> bool:
+    """A file name that stays in its folder and on one line: no /, not . or .., no control characters."""
+    return name not in ("", ".", "..") and "/" not in name and not CONTROL_CHAR.search(name)
+
+
 def _copy_timeout(size: int) -> float:
     return DEFAULT_TIMEOUT + size / MIN_RATE
 
 
-def _exec(argv: list[str], what: str, timeout: float, check: bool, stdin=None, input_text=None) -> Result:
+@contextmanager
+def _local_errors(what: str) -> Iterator[None]:
+    """An OSError on this machine as a DeviceError naming what failed."""
+    try:
+        yield
+    except OSError as exc:
+        raise DeviceError(f"{what} failed: {exc.strerror or exc}", "check the path and its permissions") from None
+
+
+@contextmanager
+def _download(local: Path) -> Iterator[Path]:
+    """A fresh temporary name beside `local` that becomes `local` when the block ends without an
+    error; on any error (an interrupt too) the temporary is removed and `local` is left as it was."""
+    tmp = local.with_name(f".{local.name}.{secrets.token_hex(4)}.partial")
+    try:
+        yield tmp
+        with _local_errors(f"saving {local}"):
+            os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _exec(argv: list[str], what: str, timeout: float, check: bool, stdin=None, input_text=None,
+          stdout=subprocess.PIPE) -> Result:
+    """Run argv; stdout=FILE sends its output there (a download) instead of into the Result."""
     try:
         if stdin is None and input_text is None:
             stdin = subprocess.DEVNULL  # never let a device command read our terminal
-        proc = subprocess.run(argv, stdin=stdin, input=input_text, capture_output=True, timeout=timeout)
+        proc = subprocess.run(argv, stdin=stdin, input=input_text, stdout=stdout, stderr=subprocess.PIPE,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         raise DeviceError(f"{what} timed out after {timeout:.0f} s", "is the device reachable and responsive?") from None
     except FileNotFoundError:
         raise DeviceError(f"{argv[0]} is not installed", f"install it to reach this device ({what})") from None
-    result = Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+    result = Result(proc.returncode, (proc.stdout or b"").decode(errors="replace"), proc.stderr.decode(errors="replace"))
     if check and not result.ok:
         last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise DeviceError(f"{what} failed (exit {result.returncode}): {last[0][:300]}", _hint_for(result.stderr))
@@ -100,16 +134,19 @@ class LocalTransport:
 
     def put(self, local: Path, remote: str) -> None:
         target = Path(os.path.expanduser(remote))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, target)
+        with _local_errors(f"copy of {local.name} to {target}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, target)
 
     def get(self, remote: str, local: Path) -> None:
-        shutil.copyfile(os.path.expanduser(remote), local)
+        with _download(local) as tmp, _local_errors(f"copy of {remote} to {local}"):
+            shutil.copyfile(os.path.expanduser(remote), tmp)
 
     def append(self, local: Path, remote: str, offset: int) -> None:
-        with open(local, "rb") as src, open(os.path.expanduser(remote), "ab") as dst:
-            src.seek(offset)
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with _local_errors(f"copy of {local.name} to {remote}"):
+            with open(local, "rb") as src, open(os.path.expanduser(remote), "ab") as dst:
+                src.seek(offset)
+                shutil.copyfileobj(src, dst, 1 << 20)
 
     def describe(self) -> str:
         return "local"
@@ -181,11 +218,11 @@ class SshTransport:
                   stdin=fh)
 
     def get(self, remote: str, local: Path) -> None:
-        with open(local, "wb") as fh:
-            proc = subprocess.run(self._base() + ["-T", "--", self.destination, "cat " + _remote_path(remote)],
-                                  stdout=fh, stderr=subprocess.PIPE, timeout=DEFAULT_TIMEOUT * 10)
-        if proc.returncode != 0:
-            raise DeviceError(f"copy of {remote} from {self.destination} failed", proc.stderr.decode()[-200:])
+        what = f"copy of {remote} from {self.destination}"
+        with _download(local) as tmp:
+            with _local_errors(what), open(tmp, "wb") as fh:
+                argv = self._base() + ["-T", "--", self.destination, "cat " + _remote_path(remote)]
+                _exec(argv, what, DEFAULT_TIMEOUT * 10, True, stdout=fh)
 
     def forward_hint(self, local: int, port: int) -> str:
         """The command that makes the device's 127.0.0.1:port reachable here as 127.0.0.1:local."""
@@ -215,7 +252,8 @@ class AdbTransport:
               _copy_timeout(local.stat().st_size), True)
 
     def get(self, remote: str, local: Path) -> None:
-        _exec(self._base() + ["pull", remote, str(local)], f"adb pull {remote}", DEFAULT_TIMEOUT * 10, True)
+        with _download(local) as tmp:
+            _exec(self._base() + ["pull", remote, str(tmp)], f"adb pull {remote}", DEFAULT_TIMEOUT * 10, True)
 
     def forward(self, local_port: int, remote_port: int) -> None:
         _exec(self._base() + ["forward", f"tcp:{local_port}", f"tcp:{remote_port}"], "adb forward", 30, True)

@@ -77,7 +77,7 @@ def demo(
         console.rule("3. quantization sweep (random weights: KL says little; budget: this machine's memory)")
         sweep_source = files["f32"]
     _command("quantize", sweep_source, "--sweep", "--types", "q8_0,q6_k,q4_k_m,q4_0", "--ctx", "256",
-             "--device", "host", "--out", workdir / "sweep")
+             "--device", "host", "--out", workdir / "sweep", "--force")  # the demo owns its folder
     if deploy:
         console.rule("4. deploy to this machine (host profile) and benchmark")
         _command("deploy", files["q4_k_m"], "--device", "host", "--ctx", "512", "--bench")

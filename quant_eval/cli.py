@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from plm_gguf.errors import UsageError
 
@@ -22,7 +23,8 @@ def quantize(
     source: str = typer.Argument(..., help="A PLM checkpoint (folder or repo id) or an unquantized PLM GGUF."),
     type_: Optional[str] = typer.Option(None, "--type", help="One llama.cpp type to write (q4_k_m, iq4_nl, ...)."),
     outfile: Optional[Path] = typer.Option(None, "--outfile", help="Output file for --type."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing --outfile."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --outfile; with --sweep, replace "
+                               "the results in --out made from another model, text or --ctx."),
     sweep: bool = typer.Option(False, "--sweep", help="Measure many recipes side by side."),
     types: Optional[str] = typer.Option(None, "--types", help="Comma-separated stock types to sweep instead of the default recipes."),
     recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of \\[\\[recipe]] tables."),
@@ -36,11 +38,15 @@ def quantize(
                                            "(default: the source's; a checkpoint converts to full)."),
 ) -> None:
     """Quantize to one type, or sweep recipes: KL, top-1, perplexity, size, memory, speed."""
+    from plm_gguf.options import check_threads
     from plm_gguf.quant_eval.sweep import check_layout_request
 
     if sweep == bool(type_):
         raise UsageError("give either --type TYPE or --sweep", "plm-gguf quantize MODEL --sweep, or --type q4_k_m")
+    _check_mode_options(sweep, {"--types": types, "--recipes": recipes, "--budget-mb": budget_mb, "--device": device,
+                                "--out": out, "--outfile": outfile})
     check_layout_request(kv_cache)
+    check_threads(threads)
     corpus, corpus_name = _read_text(text)
     if type_:
         from plm_gguf.quant_eval.single import quantize_one
@@ -49,18 +55,47 @@ def quantize(
         console.print(f"[green]wrote[/] {result['outfile']} ({type_}, {result['file_bytes'] / 2**20:,.1f} MiB, "
                       f"{result['bpw']:.2f} bits/weight{', with an importance matrix' if result['imatrix'] else ''})")
         return
-    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache)
+    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache, force)
+
+
+_SWEEP_ONLY = ("--types", "--recipes", "--budget-mb", "--device", "--out")
+_TYPE_ONLY = ("--outfile",)
+
+
+def _check_mode_options(sweep: bool, given: dict[str, object]) -> None:
+    """Refuse an option the chosen mode would ignore, and a budget given twice."""
+    mode, other, theirs = ("--sweep", "--type", _TYPE_ONLY) if sweep else ("--type", "--sweep", _SWEEP_ONLY)
+    unused = [name for name in theirs if given[name] is not None]
+    if unused:
+        raise UsageError(f"{unused[0]} does nothing with {mode}", f"{unused[0]} belongs to {other}; leave it out")
+    if given["--budget-mb"] is not None and given["--device"]:
+        raise UsageError("give --budget-mb or --device, not both", "--device takes the budget from the device's memory")
 
 
 def _read_text(text: Path | None) -> tuple[str, str]:
+    """The evaluation text and its name: the built-in corpus, or a regular UTF-8 file with text in it."""
     from plm_gguf.quant_eval.sweep import default_corpus
 
     if text is None:
         return default_corpus(), "built-in corpus"
+    hint = "pass a UTF-8 text file: a few pages of the kind of text the model will see"
+    if not text.is_file():
+        what = "does not exist" if not text.exists() else "is a folder" if text.is_dir() else "is not a regular file"
+        raise UsageError(f"--text {text} {what}", hint)
     try:
-        return text.read_text(encoding="utf-8"), str(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read --text {text} ({exc})", "pass a UTF-8 text file") from exc
+        raw = text.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --text {text} ({exc.strerror})", hint) from exc
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--text {text} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})",
+                         hint) from exc
+    if "\0" in content:
+        raise UsageError(f"--text {text} holds NUL bytes: it is not a text file", hint)
+    if not content.strip():
+        raise UsageError(f"--text {text} is empty", hint)
+    return content, str(text)
 
 
 def _device_budget(name: str) -> tuple[float, str]:
@@ -72,20 +107,22 @@ def _device_budget(name: str) -> tuple[float, str]:
     return mib, f"{name}: {facts.mem_available / 2**20:,.0f} MiB available - {profile.headroom_mib} MiB headroom"
 
 
-def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache) -> None:
+def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache,
+           replace) -> None:
     from plm_gguf.quant_eval import report as rep
     from plm_gguf.quant_eval.recipes import load_recipes, stock_recipes
-    from plm_gguf.quant_eval.sweep import SweepOptions, run_sweep
+    from plm_gguf.quant_eval.sweep import INPUT_NAMES, SweepOptions, check_sweep, run_sweep
 
-    if types and recipes_file:
+    if types is not None and recipes_file:
         raise UsageError("give --types or --recipes, not both", "--types makes one stock recipe per type")
-    recipes = stock_recipes(types.split(",")) if types else load_recipes(recipes_file)
-    budget_source = f"--budget-mb {budget_mb:g}" if budget_mb is not None else ""
-    if device:
-        budget_mb, budget_source = _device_budget(device)
+    recipes = stock_recipes(types.split(",")) if types is not None else load_recipes(recipes_file)
     out = out or Path(f"sweep-{Path(str(source)).stem.split('/')[-1]}")
     options = SweepOptions(out=out, recipes=recipes, text=corpus, text_source=corpus_name, ctx=ctx, threads=threads,
-                           budget_mib=budget_mb, budget_source=budget_source, kv_cache=kv_cache)
+                           budget_mib=budget_mb, budget_source=f"--budget-mb {budget_mb:g}" if budget_mb else "",
+                           kv_cache=kv_cache, replace=replace)
+    origin = check_sweep(source, options)  # before the device is probed: a bad option costs nothing
+    if device:
+        options.budget_mib, options.budget_source = _device_budget(device)
     done = [0]
 
     def on_event(kind: str, data: dict) -> None:
@@ -93,6 +130,10 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
             console.print("measuring the unquantized reference ...")
         elif kind == "imatrix":
             console.print("computing the importance matrix from the text ...")
+        elif kind == "stale":
+            inputs = " and ".join(INPUT_NAMES[part] for part in data["changed"])
+            console.print(f"[yellow]note[/] {escape(str(out))}/ held results of another {inputs}: "
+                          "removed, measuring again")
         elif kind == "skip":
             done[0] += 1
             console.print(f"[dim]{data['recipe']}: already measured, kept[/]")
@@ -108,7 +149,7 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
             else:
                 console.print(f"[red]failed[/]: {data['reason']}")
 
-    result = run_sweep(source, options, on_event)
+    result = run_sweep(source, options, on_event, origin)
     report = result.report
     console.print(rep.table(report, console.width))
     for m in report.get("mixes_vs_stock", []):

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 ROW_BLOCK = 32
+GEN_PROMPT, GEN_TOKENS = 16, 32  # the generation-speed run: a prompt, then tokens decoded one at a time
+# The shortest chunk worth scoring: the speed run fits in it, and 31 positions of each chunk are scored.
+MIN_CTX = 64
 _KV = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
 _COMPUTE = re.compile(r"(\w+) compute buffer size = +([\d.]+) MiB")
 
@@ -45,7 +48,7 @@ def parse_llama_log(text: str) -> dict:
     return out
 
 
-def score(llm, tokens: list[int], n_ctx: int, reference: Path, mode: str, gen_tokens: int = 32) -> dict:
+def score(llm, tokens: list[int], n_ctx: int, reference: Path, mode: str, gen_tokens: int = GEN_TOKENS) -> dict:
     """mode 'reference': write log-probs to `reference`; 'compare': KL etc. against it."""
     first, last = scored_range(n_ctx)
     n_chunks = len(tokens) // n_ctx
@@ -87,7 +90,7 @@ def score(llm, tokens: list[int], n_ctx: int, reference: Path, mode: str, gen_to
         k = np.concatenate(kl)
         result.update(kl_mean=float(k.mean()), kl_median=float(np.median(k)), kl_p99=float(np.percentile(k, 99)),
                       kl_max=float(k.max()), top1=float(np.concatenate(agree).mean()))
-    result.update(_generation_speed(llm, tokens[:16], gen_tokens))
+    result.update(_generation_speed(llm, tokens[:GEN_PROMPT], gen_tokens))
     return result
 
 

@@ -7,27 +7,37 @@ import os
 import tempfile
 from pathlib import Path
 
+from plm_gguf.errors import UsageError
 from plm_gguf.quant_eval.recipes import stock_recipes
+from plm_gguf.quant_eval.scoring import MIN_CTX
 
 
 def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int,
                  kv_cache: str | None = None) -> dict:
     from plm_gguf.convert.quantize import quantize_file
-    from plm_gguf.convert.writer import check_target, partial_path, convert
+    from plm_gguf.convert.writer import convert
+    from plm_gguf.outputs import check_target, claimed, partial_path
+    from plm_gguf.schema import config_from_gguf
+    from plm_gguf.options import check_threads
     from plm_gguf.quant_eval.sweep import check_layout_request, file_facts, gguf_in_layout
 
     recipe = stock_recipes([type_])[0]
     check_layout_request(kv_cache)
+    check_threads(threads)
     path = Path(source).expanduser()
     is_gguf = path.is_file()
+    if is_gguf:
+        config_from_gguf(path)  # a PLM GGUF, every key it is read by type-checked, before any work
     if not is_gguf and not recipe.uses_imatrix:  # plain llama.cpp type from a checkpoint: convert does it
         result = convert(source, outfile, recipe.base, force=force, progress=True, threads=threads,
                          kv_cache=kv_cache or "full")
         return {"outfile": result.outfile, "imatrix": False, **file_facts(result.outfile)}
 
     target = outfile or Path.cwd() / f"{(path.stem if is_gguf else str(source).split('/')[-1])}-{type_.upper()}.gguf"
-    check_target(target, force)
-    with tempfile.TemporaryDirectory(prefix="plm-gguf-q-", dir=target.parent) as tmp, partial_path(target, ".partial") as out:
+    inputs = [path] if is_gguf else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    check_target(target, force, inputs=inputs)
+    with claimed(target), tempfile.TemporaryDirectory(prefix="plm-gguf-q-", dir=target.parent) as tmp, \
+            partial_path(target, ".partial") as out:
         base = (gguf_in_layout(path, kv_cache, Path(tmp) / "base-latent.gguf") if is_gguf else
                 convert(source, Path(tmp) / "base.gguf", "auto", kv_cache=kv_cache or "full").outfile)
         imatrix = _imatrix_for(base, text, Path(tmp)) if recipe.uses_imatrix else None
@@ -47,6 +57,9 @@ def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
     (tmp / "text.json").write_text(json.dumps([text]))
     run_worker(["tokenize", str(base), "--texts", str(tmp / "text.json"), "--out", str(tmp / "ids.json")])
     tokens = json.loads((tmp / "ids.json").read_text())[0]
+    if len(tokens) < MIN_CTX:
+        raise UsageError(f"the calibration text has {len(tokens)} tokens; an importance matrix needs {MIN_CTX}",
+                         "give a longer --text (a few pages), or leave --text out for the built-in corpus")
     model = PLMForCausalLM.from_gguf(base, config_from_gguf(base))
     from plm_gguf.convert.mla import is_latent
 

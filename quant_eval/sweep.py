@@ -7,29 +7,55 @@
 
 Every row is written to report.json as soon as it is measured, so an interrupted sweep picks
 up where it stopped; a recipe that fails is recorded with its reason and the sweep goes on.
+
+The folder is keyed by what made it (sweep-key.json): the model (its files' path, size and
+modification time, and the KV-cache layout), the text (sha256), ctx and the importance matrix's
+token count. A rerun with other inputs is refused, so no measurement is lost by mistake; with
+`replace` (--force) it removes what the old inputs made and measures again. Either way one report
+never mixes inputs, and a row is reused only for the same recipe definition (its key). Every file
+the sweep writes or removes is named through `inside`, which refuses a path that leaves the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 
-from plm_gguf.errors import LlamaCppError, UsageError
-from plm_gguf.ggufinfo import read_gguf_info
+from plm_gguf.errors import LlamaCppError, OutputError, UsageError
+from plm_gguf.ggufinfo import read_gguf_info, read_plm_gguf
 from plm_gguf.llama_worker import run_worker
-from plm_gguf.quant_eval.recipes import Recipe
+from plm_gguf.options import check_threads
+from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
+from plm_gguf.quant_eval.scoring import MIN_CTX, scored_range
 from plm_gguf.schema import PLMConfig, config_from_gguf, kv_cache_bytes
 
 REPORT_VERSION = 1
+KEY_FILE, KEY_VERSION = "sweep-key.json", 1
 _UNQUANTIZED = {gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16}
+_INPUTS = ("model", "text", "ctx", "imatrix_tokens")  # the key's parts besides the recipes
+INPUT_NAMES = {"model": "model", "text": "text", "ctx": "--ctx", "imatrix_tokens": "importance-matrix length"}
+# The files the sweep caches at the top of its folder, and the parts of the key each is made
+# from. A changed model also removes the base GGUF (*.gguf); any change, models/*.
+_MADE_FROM = {
+    "tokens.json": ("model", "text"),
+    "reference-logprobs.npy": ("model", "text", "ctx"),
+    "imatrix.npz": _INPUTS,
+    "report.json": _INPUTS,
+    "report.csv": _INPUTS,
+    "pareto.png": _INPUTS,
+}
 
 
 def default_corpus() -> str:
@@ -48,6 +74,17 @@ class SweepOptions:
     budget_mib: float | None = None
     budget_source: str = ""
     kv_cache: str | None = None  # full | latent: the layout to quantize; None: the source's (a checkpoint: full)
+    replace: bool = False  # replace results in `out` made from other inputs (--force); else refuse
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a sweep starts from, checked before anything is written."""
+
+    path: Path  # the unquantized PLM GGUF, or the checkpoint folder
+    is_gguf: bool
+    context_length: int
+    identity: dict  # the resolved path, and each file's name, size and modification time
 
 
 @dataclass
@@ -65,10 +102,38 @@ class Sweep:
     def out(self) -> Path:
         return self.options.out
 
+    def path(self, *parts: str) -> Path:
+        return inside(self.out, *parts)
+
     def save(self) -> None:
-        tmp = self.out / "report.json.tmp"
-        tmp.write_text(json.dumps(self.report, indent=1))
-        os.replace(tmp, self.out / "report.json")
+        write_atomic(self.path("report.json"), json.dumps(self.report, indent=1))
+
+
+def inside(out: Path, *parts: str) -> Path:
+    """OUT/PARTS, refused unless it resolves inside OUT (a name with '..', a symbolic link
+    pointing elsewhere): every file the sweep writes or removes is named through here."""
+    path = out.joinpath(*parts)
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise OutputError(f"{path} resolves to {path.resolve()}, outside the sweep folder {out}",
+                          "the sweep writes only inside --out; remove the symbolic link, or rename the recipe")
+    return path
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A hidden path beside PATH (with its suffix) to write; renamed over PATH when the block
+    ends, removed if it fails: PATH is whole, new or old, never half-written."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def check_layout_request(kv_cache: str | None) -> None:
@@ -79,81 +144,268 @@ def check_layout_request(kv_cache: str | None) -> None:
         check_kv_layout(kv_cache)
 
 
+def check_layout(path: Path, kv_cache: str | None) -> None:
+    """Refuse to turn a latent-layout file back into the full one (that needs its checkpoint)."""
+    from plm_gguf.convert.mla import is_latent
+
+    if kv_cache == "full" and is_latent(path):
+        raise UsageError(f"{path.name} has the latent KV-cache layout; --kv-cache full needs the stock one",
+                         "leave out --kv-cache (quantize the file as it is), or start from the checkpoint")
+
+
 def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
     """PATH itself, or PATH rewritten into the latent layout at DEST (kv_cache "latent" for a
     stock-layout file); a latent file cannot go back to full without its checkpoint."""
     from plm_gguf.convert.mla import is_latent, rewrite_to_latent
 
-    latent = is_latent(path)
-    if kv_cache == "full" and latent:
-        raise UsageError(f"{path.name} has the latent KV-cache layout; --kv-cache full needs the stock one",
-                         "leave out --kv-cache (quantize the file as it is), or start from the checkpoint")
-    if kv_cache == "latent" and not latent:
+    check_layout(path, kv_cache)
+    if kv_cache == "latent" and not is_latent(path):
         if not dest.exists():
             rewrite_to_latent(path, dest)
         return dest
     return path
 
 
-def prepare_base(source: str, out: Path, threads: int, kv_cache: str | None = None) -> tuple[Path, dict]:
-    """The unquantized GGUF to quantize from and compare against (in the layout asked for), and
-    how it was checked."""
+def open_source(source: str, kv_cache: str | None) -> Source:
+    """SOURCE as a sweep's starting point: an unquantized PLM GGUF or a checkpoint, checked
+    (and a repo id downloaded) before anything is written."""
     path = Path(source).expanduser()
     if path.is_file():
-        file_type = gguf.LlamaFileType(int(read_gguf_info(path).get("general.file_type", 1024)))
-        if file_type not in _UNQUANTIZED:
-            raise UsageError(f"{path.name} is already quantized ({file_type.name})",
+        file_type = _file_type(path)
+        if file_type not in {t.name for t in _UNQUANTIZED}:
+            raise UsageError(f"{path.name} is already quantized ({file_type})",
                              "sweep from the checkpoint or from its f32/bf16/f16 GGUF")
-        base = gguf_in_layout(path, kv_cache, out / f"{path.stem}-latent.gguf")
-        return base, {"source": str(path), "file_type": file_type.name, "verified": None,
+        check_layout(path, kv_cache)
+        context_length = config_from_gguf(path).max_position_embeddings  # every key checked
+        return Source(path, True, context_length, _identity(path, [path]))
+    from plm_gguf.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(source)
+    files = sorted({*ckpt.files, *(p for p in ckpt.folder.iterdir() if p.is_file())})
+    return Source(ckpt.folder, False, ckpt.config.max_position_embeddings, _identity(ckpt.folder, files))
+
+
+def _file_type(path: Path) -> str:
+    """The llama.cpp file type a PLM GGUF's header names."""
+    value = read_plm_gguf(path).get("general.file_type", int(gguf.LlamaFileType.GUESSED))
+    return gguf.LlamaFileType(value).name if value in {int(t) for t in gguf.LlamaFileType} else str(value)
+
+
+def _identity(path: Path, files: list[Path]) -> dict:
+    """What changes when the model does: the resolved path, each file's size and modification time."""
+    stats = [(f, f.stat()) for f in files]
+    return {"path": str(path.resolve()), "files": [[f.name, st.st_size, st.st_mtime_ns] for f, st in stats]}
+
+
+def check_options(options: SweepOptions, source: Source) -> None:
+    """Refuse options no sweep can run with, before anything is written."""
+    if not options.recipes:
+        raise UsageError("no recipes to sweep", "give --types, --recipes, or neither for the default set")
+    for recipe in options.recipes:
+        check_name(recipe.name, "the sweep")
+    check_unique([r.name for r in options.recipes], "the sweep")
+    if not MIN_CTX <= options.ctx <= source.context_length:
+        raise UsageError(f"--ctx {options.ctx} is out of range: it must be from {MIN_CTX} (what scoring needs) "
+                         f"to {source.context_length} (the model's context length)",
+                         "--ctx is the evaluation chunk length in tokens; 512 suits most models")
+    check_threads(options.threads)
+    if options.imatrix_tokens < 1:
+        raise UsageError(f"imatrix_tokens {options.imatrix_tokens} is not a positive token count",
+                         "the importance matrix is computed from the first imatrix_tokens tokens of the text")
+    budget = options.budget_mib
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--budget-mb {budget:g} is not a positive amount of memory",
+                         "give MiB, e.g. --budget-mb 3072")
+    n_bytes = len(options.text.encode("utf-8"))
+    if n_bytes < options.ctx:  # a token is at least one byte
+        raise UsageError(f"the evaluation text ({options.text_source}) is {n_bytes} bytes: fewer than the "
+                         f"{options.ctx} tokens one --ctx {options.ctx} chunk needs",
+                         _short_text_hint(options.ctx, n_bytes))
+
+
+def _short_text_hint(ctx: int, most: int) -> str:
+    if most >= MIN_CTX:
+        return f"give a longer --text, or a --ctx from {MIN_CTX} to {most}"
+    return f"give a longer --text: at least {ctx} tokens (a few times that gives steadier numbers)"
+
+
+def sweep_key(source: Source, options: SweepOptions) -> dict:
+    """What the sweep's results are made from (sweep-key.json); text_name only names the text."""
+    return {"version": KEY_VERSION, "model": {**source.identity, "kv_cache": options.kv_cache},
+            "text": hashlib.sha256(options.text.encode("utf-8")).hexdigest(), "text_name": options.text_source,
+            "ctx": options.ctx, "imatrix_tokens": options.imatrix_tokens,
+            "recipes": {r.name: r.key for r in options.recipes}}
+
+
+def read_key(out: Path) -> dict | None:
+    """OUT's sweep key: None if it has none, {} if it is unreadable or from another version."""
+    try:
+        old = json.loads(inside(out, KEY_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return old if isinstance(old, dict) and old.get("version") == KEY_VERSION else {}
+
+
+def check_folder(out: Path, key: dict, replace: bool) -> list[str]:
+    """Refuse an --out that is a file, a folder of other things, or (unless REPLACE) the folder
+    of a sweep of other inputs. Returns the parts of the key that differ from the folder's."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder",
+                          "give --out a new folder, or the --out of an earlier sweep")
+    if not out.is_dir():
+        return []
+    old = read_key(out)
+    if old is None:
+        lock = f".{KEY_FILE}.lock"  # another sweep's, starting there now
+        if any(p.name != lock for p in out.iterdir()):
+            raise OutputError(f"--out {out} holds other files and is not a sweep folder (it has no {KEY_FILE})",
+                              "give --out a new or empty folder (remove a sweep folder made before sweep-key.json)")
+        return []
+    changed = [part for part in _INPUTS if old.get(part) != key[part]]
+    if changed and not replace:
+        raise OutputError(f"--out {out} holds the results of {_difference(old, key, changed)}",
+                          "pass --force to replace them, or give another --out to keep them")
+    return changed
+
+
+def _difference(old: dict, key: dict, changed: list[str]) -> str:
+    """How the folder's inputs differ from this run's, in words."""
+    if not old:
+        return f"a sweep whose {KEY_FILE} is unreadable or from another plm-gguf version"
+    words = []
+    for part in changed:
+        then, now = _shown(old, part), _shown(key, part)
+        words.append(f"another {INPUT_NAMES[part]} ({then}, not {now})" if then != now else
+                     f"another {INPUT_NAMES[part]} ({now} has changed since)")
+    return ", ".join(words)
+
+
+def _shown(key: dict, part: str) -> str:
+    """A key's part as a person knows it: the model's path, the text's name, a number."""
+    value = key.get("text_name") if part == "text" else key.get(part)
+    if part == "model" and isinstance(value, dict):
+        return str(value.get("path")) + (f", --kv-cache {value['kv_cache']}" if value.get("kv_cache") else "")
+    return str(value)
+
+
+def claim_folder(out: Path, key: dict, source: Source, replace: bool) -> list[str]:
+    """Make OUT the folder of the sweep KEY describes: check it again (now that it is locked),
+    remove what other inputs made (never the source itself), write the key. Returns the parts
+    of the key that changed."""
+    changed = check_folder(out, key, replace)
+    old = read_key(out) or {}
+    stale = [name for name, parts in _MADE_FROM.items() if set(parts) & set(changed)]
+    if "model" in changed:
+        stale += [p.name for p in out.glob("*.gguf")]
+    if changed:
+        stale += [f"models/{p.name}" for p in out.glob("models/*.gguf")]
+    keep = {source.path.resolve()} if source.is_gguf else set()
+    for name in stale:
+        path = inside(out, name)
+        if path.resolve() not in keep:
+            path.unlink(missing_ok=True)
+    inside(out, "models").mkdir(exist_ok=True)
+    kept = old.get("recipes") if not changed and isinstance(old.get("recipes"), dict) else {}
+    write_atomic(inside(out, KEY_FILE), json.dumps(key | {"recipes": kept | key["recipes"]}, indent=1))
+    return changed
+
+
+def prepare_base(source: Source, out: Path, threads: int, kv_cache: str | None = None) -> tuple[Path, dict]:
+    """The unquantized GGUF to quantize from and compare against (in the layout asked for), and
+    how it was checked."""
+    path = source.path
+    if source.is_gguf:
+        base = gguf_in_layout(path, kv_cache, inside(out, f"{path.stem}-latent.gguf"))
+        return base, {"source": str(path), "file_type": _file_type(path), "verified": None,
                       **({"rewritten_to_latent_from": str(path)} if base != path else {})}
-    from plm_gguf.checkpoint import Checkpoint, resolve_model
+    from plm_gguf.checkpoint import Checkpoint
     from plm_gguf.convert.verify import verify
     from plm_gguf.convert.writer import convert
 
-    folder = resolve_model(source)
-    dtype = Checkpoint(folder).source_dtype
+    dtype = Checkpoint(path).source_dtype
     outtype = "bf16" if dtype == "BF16" else "f32"  # lossless either way
-    base = out / f"base-{outtype.upper()}{'-latent' if kv_cache == 'latent' else ''}.gguf"
+    base = inside(out, f"base-{outtype.upper()}{'-latent' if kv_cache == 'latent' else ''}.gguf")
     if not base.exists():
-        convert(folder, base, outtype, kv_cache=kv_cache or "full")
-    check = verify(folder, base, threads=threads)
+        convert(path, base, outtype, kv_cache=kv_cache or "full")
+    check = verify(path, base, threads=threads)
     stats = check.file_stats or check.stats
-    info = {"source": str(source), "file_type": check.file_type, "verified": check.passed,
+    info = {"source": str(path), "file_type": check.file_type, "verified": check.passed,
             "file_vs_checkpoint_kl": stats.mean_kl, "llama_cpp_vs_reference_kl": check.stats.mean_kl,
             "llama_cpp_vs_reference_top1": check.stats.top1}
     return base, info
 
 
-def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict], None] = lambda k, d: None) -> Sweep:
+def check_sweep(source: str, options: SweepOptions) -> Source:
+    """Everything a sweep checks before it writes anything; the source it starts from."""
     check_layout_request(options.kv_cache)
+    origin = open_source(source, options.kv_cache)
+    check_options(options, origin)
+    check_folder(options.out, sweep_key(origin, options), options.replace)
+    return origin
+
+
+def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict], None] = lambda k, d: None,
+              origin: Source | None = None) -> Sweep:
+    """Measure OPTIONS.recipes against SOURCE in OPTIONS.out, reusing what an earlier run with
+    the same inputs measured there (ORIGIN: check_sweep's answer, if the caller has it). A folder
+    this run makes is removed again if the run ends before it has saved a report."""
+    from plm_gguf.outputs import claimed
+
+    origin = origin or check_sweep(source, options)
     out = options.out
+    created = _first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(exist_ok=True)
-    previous = _load_previous(out, source, options)
-    if previous.get("base_info"):
-        base_info = previous["base_info"]
+    with claimed(inside(out, KEY_FILE)):  # one sweep at a time in a folder; a second is refused at once
+        try:
+            changed = claim_folder(out, sweep_key(origin, options), origin, options.replace)
+            if changed:
+                on_event("stale", {"changed": changed})
+            return _run(source, origin, options, on_event)
+        except BaseException:
+            if created and not (out / "report.json").exists():
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to PATH that does not exist yet (mkdir makes it)."""
+    missing = None
+    for folder in (path.absolute(), *path.absolute().parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[[str, dict], None]) -> Sweep:
+    """The sweep itself, in a claimed folder."""
+    out = options.out
+    previous = _load_previous(out)
+    base_info = previous.get("base_info")
+    if base_info and Path(base_info["gguf"]).is_file():
         base = Path(base_info["gguf"])
     else:
-        base, base_info = prepare_base(source, out, options.threads, options.kv_cache)
-        base_info["gguf"] = str(base)
+        base, base_info = prepare_base(origin, out, options.threads, options.kv_cache)
+        base_info["gguf"] = str(base.resolve())
     config = config_from_gguf(base)
     sweep = Sweep(options, base, config, on_event=on_event, tensor_names=list(read_gguf_info(base).tensors))
     sweep.report = {
         "version": REPORT_VERSION, "source": str(source), "kv_cache": options.kv_cache, "ctx": options.ctx,
-        "text": options.text_source,
+        "text": options.text_source, "text_sha256": hashlib.sha256(options.text.encode("utf-8")).hexdigest(),
         "threads": options.threads, "base_info": base_info, "reference": previous.get("reference"),
         "rows": previous.get("rows", {}), "recommendation": None,
     }
     tokens = _tokens(sweep)
     if sweep.report["reference"] is None:
         on_event("reference", {})
-        sweep.report["reference"] = _score(sweep, base, tokens, "reference")
+        sweep.report["reference"] = _reference(sweep, tokens)
         sweep.save()
     imatrix = _imatrix(sweep, tokens) if any(r.uses_imatrix for r in options.recipes) else None
     for recipe in options.recipes:
         row = sweep.report["rows"].get(recipe.name)
-        if row and row.get("key") == recipe.key and (row["status"] == "failed" or (out / row["file"]).exists()):
+        if row and row.get("key") == recipe.key and (row["status"] == "failed" or _model_file(sweep, recipe).exists()):
             on_event("skip", row)
             continue
         unmatched = unmatched_overrides(recipe, sweep.tensor_names)
@@ -172,61 +424,81 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
     sweep.save()
     from plm_gguf.quant_eval import report as rep
 
-    rep.write_csv(sweep.report, out / "report.csv")
-    rep.write_plot(sweep.report, out / "pareto.png")
+    with replacing(sweep.path("report.csv")) as tmp:
+        rep.write_csv(sweep.report, tmp)
+    with replacing(sweep.path("pareto.png")) as tmp:
+        rep.write_plot(sweep.report, tmp)
     return sweep
 
 
-def _load_previous(out: Path, source: str, options: SweepOptions) -> dict:
-    """A report from an interrupted run of the same sweep (same source, text and context)."""
-    path = out / "report.json"
-    if not path.exists():
-        return {}
+def _load_previous(out: Path) -> dict:
+    """The report of an earlier run with the same inputs (claim_folder removed any other), less
+    its reference if the reference log-probs are gone."""
     try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        old = json.loads(inside(out, "report.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    same = (old.get("version") == REPORT_VERSION and old.get("source") == str(source)
-            and old.get("kv_cache") == options.kv_cache
-            and old.get("ctx") == options.ctx and old.get("text") == options.text_source
-            and (out / "tokens.json").exists() and (out / "reference-logprobs.npy").exists())
-    return old if same else {}
+    if not isinstance(old, dict) or old.get("version") != REPORT_VERSION:
+        return {}
+    if not inside(out, "reference-logprobs.npy").exists():
+        old["reference"] = None
+    return old
+
+
+def _model_file(sweep: Sweep, recipe: Recipe) -> Path:
+    return sweep.path("models", f"{recipe.name}.gguf")
 
 
 def _tokens(sweep: Sweep) -> list[int]:
-    path = sweep.out / "tokens.json"
+    """llama.cpp's tokens of the text (tokens.json), refused when shorter than one chunk."""
+    path = sweep.path("tokens.json")
     if not path.exists():
-        (sweep.out / "text.json").write_text(json.dumps([sweep.options.text]))
-        run_worker(["tokenize", str(sweep.base), "--texts", str(sweep.out / "text.json"), "--out", str(path)])
-        path.write_text(json.dumps(json.loads(path.read_text())[0]))
+        with tempfile.TemporaryDirectory(prefix=".tokenize-", dir=sweep.out) as tmp:
+            texts, ids = Path(tmp) / "text.json", Path(tmp) / "ids.json"
+            texts.write_text(json.dumps([sweep.options.text]))
+            run_worker(["tokenize", str(sweep.base), "--texts", str(texts), "--out", str(ids)])
+            write_atomic(path, json.dumps(json.loads(ids.read_text())[0]))
     tokens = json.loads(path.read_text())
-    if len(tokens) < sweep.options.ctx:
-        raise UsageError(f"the evaluation text has {len(tokens)} tokens, fewer than one --ctx {sweep.options.ctx} chunk",
-                         "give a longer --text or a smaller --ctx")
+    ctx = sweep.options.ctx
+    if len(tokens) < ctx:
+        raise UsageError(f"the evaluation text ({sweep.options.text_source}) has {len(tokens)} tokens: "
+                         f"one --ctx {ctx} chunk needs {ctx}", _short_text_hint(ctx, len(tokens)))
     return tokens
 
 
 def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
-    path = sweep.out / "imatrix.npz"
+    path = sweep.path("imatrix.npz")
     if not path.exists():
+        from plm_gguf.convert.mla import is_latent
         from plm_gguf.quant_eval.imatrix import compute_imatrix
         from plm_gguf.reference import PLMForCausalLM
 
         sweep.on_event("imatrix", {})
         model = PLMForCausalLM.from_gguf(sweep.base, sweep.config)
-        from plm_gguf.convert.mla import is_latent
-
-        compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], path.with_suffix(".tmp.npz"),
-                        n_ctx=sweep.options.ctx, latent=is_latent(sweep.base))
-        os.replace(path.with_suffix(".tmp.npz"), path)
+        with replacing(path) as tmp:
+            compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], tmp, n_ctx=sweep.options.ctx,
+                            latent=is_latent(sweep.base))
     return path
 
 
-def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str) -> dict:
-    tokens_file = sweep.out / "tokens.json"
-    result_file = sweep.out / f"score-{model.stem}.json"
-    run_worker(["score", str(model), "--tokens", str(tokens_file), "--ctx", str(sweep.options.ctx),
-                "--reference", str(sweep.out / "reference-logprobs.npy"), "--mode", mode,
+def _reference(sweep: Sweep, tokens: list[int]) -> dict:
+    """Score the base file; its log-probs go to reference-logprobs.npy, whole or not at all."""
+    path = sweep.path("reference-logprobs.npy")
+    first, last = scored_range(sweep.options.ctx)
+    need = len(tokens) // sweep.options.ctx * (last - first) * sweep.config.vocab_size * 4
+    free = shutil.disk_usage(sweep.out).free
+    if need > free:
+        raise OutputError(f"the reference log-probabilities of {len(tokens)} tokens need {need / 2**30:,.1f} GiB; "
+                          f"the disk holding {sweep.out} has {free / 2**30:,.1f} GiB free",
+                          "give a shorter --text, or a --out on a disk with more space")
+    with replacing(path) as tmp:
+        return _score(sweep, sweep.base, tokens, "reference", reference=tmp)
+
+
+def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str, reference: Path | None = None) -> dict:
+    result_file = sweep.path(".score.json")
+    run_worker(["score", str(model), "--tokens", str(sweep.path("tokens.json")), "--ctx", str(sweep.options.ctx),
+                "--reference", str(reference or sweep.path("reference-logprobs.npy")), "--mode", mode,
                 "--out", str(result_file), "--threads", str(sweep.options.threads)])
     result = json.loads(result_file.read_text())
     result_file.unlink()
@@ -247,18 +519,17 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
            "description": recipe.description, "imatrix": recipe.uses_imatrix, "file": f"models/{recipe.name}.gguf"}
     if unmatched:  # those overrides change nothing: the row says so
         row["unmatched_overrides"] = unmatched
-    target = sweep.out / row["file"]
-    tmp = target.with_name(f".{target.name}.partial")
+    target = _model_file(sweep, recipe)
     start = time.perf_counter()
     try:
-        quantize_file(sweep.base, tmp, recipe.base, threads=sweep.options.threads,
-                      overrides=recipe.override_types() or None, imatrix=imatrix if recipe.uses_imatrix else None)
-        os.replace(tmp, target)
+        with replacing(target) as tmp:
+            quantize_file(sweep.base, tmp, recipe.base, threads=sweep.options.threads,
+                          overrides=recipe.override_types() or None, imatrix=imatrix if recipe.uses_imatrix else None)
         row["quantize_seconds"] = time.perf_counter() - start
         row.update(file_facts(target))
         scored = _score(sweep, target, tokens, "compare")
     except LlamaCppError as exc:
-        tmp.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)  # a file of this name is not this recipe's measured file
         return row | {"status": "failed", "reason": exc.message}
     ref = sweep.report["reference"]
     row.update(status="ok", **{k: scored[k] for k in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ppl",

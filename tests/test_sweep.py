@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plm_gguf.errors import UsageError
+from plm_gguf.errors import InputError
 from plm_gguf.quant_eval.recipes import Recipe, load_recipes, stock_recipes
 from plm_gguf.quant_eval.sweep import SweepOptions, _score, pareto_front, recommend, run_sweep
 
@@ -130,10 +130,10 @@ def test_default_recipes_and_validation(tmp_path):
     assert all(r.uses_imatrix for r in recipes if r.base.startswith(("iq", "q2_k", "q3_k")))
     bad = tmp_path / "bad.toml"
     bad.write_text('[[recipe]]\nname = "x"\nbase = "q4_k_m"\noverrides = { "attn_q" = "q9_z" }\n')
-    with pytest.raises(UsageError, match="unknown tensor type"):
+    with pytest.raises(InputError, match="unknown tensor type"):
         load_recipes(bad)
     bad.write_text('[[recipe]]\nname = "x"\nbase = "f16"\n')
-    with pytest.raises(UsageError, match="not a quantized"):
+    with pytest.raises(InputError, match="not a quantized"):
         load_recipes(bad)
     assert_clean_error(run_cli("quantize", TRAINED, "--sweep", "--recipes", bad), "not a quantized")
     assert_clean_error(run_cli("quantize", TRAINED), "--type TYPE or --sweep")

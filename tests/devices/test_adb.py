@@ -52,6 +52,22 @@ def test_adb_transport_verbs_and_android_probe(phone, profile_dir, tmp_path):
     assert facts.libc == "bionic (Android 14)" and facts.mem_available > 0
 
 
+def test_a_failed_adb_pull_leaves_no_partial_file(phone, profile_dir, tmp_path):
+    t = connect(_profile(profile_dir, phone))
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"keep me")
+    for local in (kept, tmp_path / "new.bin"):
+        with pytest.raises(DeviceError, match="adb pull"):
+            t.get(f"{phone.root}/no such file", local)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin", "phone", "profiles"]
+    assert kept.read_bytes() == b"keep me"
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    t.put(src, f"{phone.root}/file")
+    t.get(f"{phone.root}/file", kept)
+    assert kept.read_bytes() == b"payload"
+
+
 def test_adb_unknown_serial_is_a_clean_error(phone, profile_dir):
     with pytest.raises(DeviceError, match="not found"):
         connect(_profile(profile_dir, phone, serial="no-such-phone")).run("true")

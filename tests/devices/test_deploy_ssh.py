@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from plm_gguf.devices import toolchain
-from plm_gguf.devices.deploy import deploy, undeploy
+from plm_gguf.devices.deploy import MANIFEST, deploy, undeploy
 from plm_gguf.devices.profiles import load_profile
 from plm_gguf.devices.runner import stop_server
 from plm_gguf.devices.transports import connect
@@ -58,8 +58,9 @@ def test_interrupted_deploy_resumes_without_resending(ssh_profile, tiny_gguf):
 
     with pytest.raises(KeyboardInterrupt):
         deploy(tiny_gguf, profile=profile, progress=interrupt_before_model)
-    binaries = sorted(p.name for p in install.iterdir() if not p.name.startswith("."))
+    binaries = sorted(p.name for p in install.iterdir() if not p.name.startswith(".") and p.name != MANIFEST)
     assert "llama-completion" in binaries and tiny_gguf.name not in binaries
+    assert tiny_gguf.name in json.loads((install / MANIFEST).read_text())["files"]  # listed before it was sent
     resumed = deploy(tiny_gguf, profile=profile)
     assert resumed.sent == [tiny_gguf.name] and sorted(resumed.skipped) == binaries == built(resumed.build_key)
     assert resumed.resumed == {tiny_gguf.name: 1000}  # the good first 1000 bytes were kept
@@ -103,7 +104,7 @@ def test_serve_then_undeploy_removes_everything(ssh_profile, tiny_gguf, request)
     assert _get(f"http://127.0.0.1:{port}/health") == 200  # sshd is on loopback: no tunnel needed here
     assert "llama-server" in built(result.build_key)  # the host build adds it for a deploy that serves
     removed = undeploy(profile=profile)
-    assert sorted(removed) == sorted(built(result.build_key) + [tiny_gguf.name])
+    assert sorted(removed) == sorted(built(result.build_key) + [tiny_gguf.name, "server.log", "server.pid"])
     assert not install.exists()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

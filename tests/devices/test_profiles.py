@@ -106,3 +106,23 @@ def test_android_profiles_switch_to_the_ndk_when_it_is_set(tmp_path, monkeypatch
     args, _, slug = toolchain._configure_args(profile, tmp_path)
     assert "-DANDROID_ABI=arm64-v8a" in args and "-DCMAKE_INSTALL_RPATH=$ORIGIN" in args
     assert "-DGGML_CPU_ALL_VARIANTS=ON" in args and slug == "android-ndk-arm64"
+
+
+@pytest.mark.parametrize(("install_dir", "folder"), [
+    ("~/plm-gguf", "/home/pi/plm-gguf"), ("$HOME/plm-gguf", "/home/pi/plm-gguf"), ("${HOME}/a", "/home/pi/a"),
+    ("plm-gguf", "/home/pi/plm-gguf"), ("./a//b/./", "/home/pi/a/b"), ("//opt/plm-gguf/", "/opt/plm-gguf"),
+    ("/~", "/~"), ("/home/pi/.", None), ("//home//pi/", None),
+])
+def test_install_dir_is_absolute_and_relative_paths_are_under_the_home(tmp_path, install_dir, folder):
+    """`folder` None: the device's home folder itself, refused."""
+    from plm_gguf.devices.deploy import install_folder
+    from plm_gguf.devices.facts import CpuInfo, DeviceFacts
+
+    facts = DeviceFacts("aarch64", CpuInfo(frozenset(), []), 0, 0, 4096, 4, "/home/pi/", -1, "musl")
+    profile = load_profile(str(write_profile(tmp_path, "p", f'install_dir = "{install_dir}"\n[transport]\n'
+                                             'kind = "local"\n[target]\ntoolchain = "native"\n')))
+    if folder is None:
+        with pytest.raises(DeviceError, match="is /home/pi, the home folder"):
+            install_folder(profile, facts)
+    else:
+        assert install_folder(profile, facts) == folder

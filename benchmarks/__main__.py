@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import re
 import shlex
 import shutil
 import statistics
@@ -204,9 +206,6 @@ def eval_check(files: P.EvalFiles, lp_log: Path, lp_ref_log: Path, pair_json: di
     plm_ref = json.loads((files.folder / "plm-reference-score.json").read_text())
     lp = P.parse_perplexity_log(_last_run(lp_log))
     lp_ref = P.parse_perplexity_log(_last_run(lp_ref_log))
-    import math
-    import re
-
     m = re.search(r"Final estimate: PPL = ([\d.]+)", _last_run(lp_ref_log))
     lp_ref_ppl = float(m[1]) if m else None
     n_ctx, n_chunk, lp_tokens = P.kld_tokens(files.kld_base)

@@ -4,8 +4,8 @@
                              [--ctx 512,4096] [--n-gen 32] [--threads 2] [--repeat 1]
 
 For each context size and each pair (stock, latent), alternating within the pair: llama.cpp's
-KV-cache report (`python -m plm_gguf.llama_lib probe`), then prompt and generation tokens/s
-(`python -m plm_gguf.llama_lib bench`: a prompt of ctx - n_gen tokens in batches of 512, then
+KV-cache report (`python -m plm_gguf.llama.worker probe`), then prompt and generation tokens/s
+(`python -m plm_gguf.llama.worker bench`: a prompt of ctx - n_gen tokens in batches of 512, then
 n_gen tokens one decode each at that depth), both on the patched host library, f16 KV cache,
 flash attention off (with --flash-attn, the latent file once more with it on: stock PLM
 aborts with flash attention). Writes benchmarks/results/mla.{md,json} with the load and the CPU share other
@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.measure import measure
-from plm_gguf import llama_lib
+from plm_gguf.llama import runtime
 from plm_gguf.ggufinfo import read_plm_gguf
+from plm_gguf.memory import KVLayout, layout_of
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "mla"
@@ -35,14 +36,14 @@ def log(msg: str) -> None:
 
 def describe(path: Path) -> dict:
     info = read_plm_gguf(path)
-    latent = "plm.attention.key_length_mla" in info.fields
+    latent = layout_of(info) is KVLayout.LATENT
     return {"file": str(path), "name": path.name, "layout": "latent" if latent else "stock",
             "size_mib": round(path.stat().st_size / 2**20, 1), "file_type": info.fields.get("general.file_type")}
 
 
 def bench_once(model: Path, ctx: int, n_gen: int, threads: int, env: dict, log_file: Path,
                flash_attn: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "plm_gguf.llama_lib", "bench", str(model), "--lib-from-env", "--n-ctx", str(ctx),
+    cmd = [sys.executable, "-m", "plm_gguf.llama.worker", "bench", str(model), "--lib-from-env", "--n-ctx", str(ctx),
            "--n-gen", str(n_gen), "--threads", str(threads)] + (["--flash-attn"] if flash_attn else [])
     sample = measure([cmd], log_file, drop=False, env=env)
     said = [l for l in log_file.read_text().splitlines() if l.startswith('{"model"')]
@@ -69,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     for stock, latent in pairs:
         if describe(stock)["layout"] != "stock" or describe(latent)["layout"] != "latent":
             ap.error(f"{stock.name} must be stock-layout and {latent.name} latent-layout")
-    env = llama_lib.lib_env()
+    env = runtime.lib_env()
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     for ctx in [int(c) for c in a.ctx.split(",")]:
         for stock, latent in pairs:
             group = [(stock, False), (latent, False)] + ([(latent, True)] if a.flash_attn else [])
             for model, fa in group:
-                kv = llama_lib.probe(model, n_ctx=ctx, env=env)
+                kv = runtime.probe(model, n_ctx=ctx, env=env)
                 if not kv["ok"]:
                     raise SystemExit(f"{model.name} does not load: {kv['error']}")
                 rows.append({**describe(model), "ctx": ctx, "kv_cache_mib": kv["kv_cache"]["total_mib"],

@@ -6,17 +6,20 @@ Runs alternate A, B, A, B, ...; every run starts with a dropped page cache (or n
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import struct
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from benchmarks.measure import Sample, measure
+from benchmarks.measure import Sample, measure, run_command
 from benchmarks.toolchain import WORK, Toolchain
 
 THREADS = 2
@@ -188,13 +191,11 @@ class EvalFiles:
 
 
 def corpus_path() -> Path:
-    from importlib import resources
-
     return Path(str(resources.files("plm_gguf.quant_eval").joinpath("corpus/default.txt")))
 
 
 def plm_score(files: EvalFiles, model: Path, mode: str, out: Path) -> list[str]:
-    return [PY, "-m", "plm_gguf.llama_worker", "score", str(model), "--tokens", str(files.tokens), "--ctx", str(CTX),
+    return [PY, "-m", "plm_gguf.llama.worker", "score", str(model), "--tokens", str(files.tokens), "--ctx", str(CTX),
             "--reference", str(files.plm_reference), "--mode", mode, "--out", str(out / "score.json"),
             "--threads", str(THREADS)]
 
@@ -207,14 +208,12 @@ def perplexity_cmd(tools: Toolchain, files: EvalFiles, model: Path, mode: str) -
 
 
 def tokenize_cmd(files: EvalFiles) -> list[str]:
-    return [PY, "-m", "plm_gguf.llama_worker", "tokenize", str(files.base), "--texts", str(files.folder / "text.json"),
+    return [PY, "-m", "plm_gguf.llama.worker", "tokenize", str(files.base), "--texts", str(files.folder / "text.json"),
             "--out", str(files.tokens)]
 
 
 def prepare_tokens(files: EvalFiles, logs: Path) -> None:
     """llama.cpp's tokenization of the corpus, as plm-gguf's sweep makes it (not timed)."""
-    from benchmarks.measure import run_command
-
     (files.folder / "text.json").write_text(json.dumps([files.corpus.read_text(encoding="utf-8")]))
     run_command(tokenize_cmd(files), logs / "eval-tokenize.log")  # (wall, rss, cpu) not needed
     files.tokens.write_text(json.dumps(json.loads(files.tokens.read_text())[0]))
@@ -231,8 +230,6 @@ def reference_pair(tools: Toolchain, files: EvalFiles) -> Pair:
 
 def reference_key(files: EvalFiles) -> dict:
     """What the reference passes depend on: the base file, the text, the context."""
-    import hashlib
-
     st = files.base.stat()
     return {"base": files.base.name, "base_size": st.st_size, "base_mtime_ns": st.st_mtime_ns,
             "corpus_sha256": hashlib.sha256(files.corpus.read_bytes()).hexdigest(), "ctx": CTX, "threads": THREADS}
@@ -270,8 +267,6 @@ def kld_tokens(path: Path) -> tuple[int, int, list[int]]:
 
 def parse_perplexity_log(text: str) -> dict:
     """The numbers of llama-perplexity's --kl-divergence summary."""
-    import re
-
     def num(pattern: str) -> float | None:
         m = re.search(pattern, text)
         return float(m[1]) if m else None

@@ -9,21 +9,29 @@ Everything lives under benchmarks/work/ (gitignored) and is made once:
   requirements-convert_hf_to_gguf.txt, except torch (the local CPU wheel, 2.13.0, instead of the
   pinned 2.11.0 from download.pytorch.org, which cannot be reached here) and gguf (the vendored
   gguf-py, installed from the source tree);
-- llama-build/: llama-quantize and llama-perplexity built with cmake -DGGML_NATIVE=OFF, the flags
-  the project builds llama-cpp-python with (so both use the same CPU kernels: AVX2, FMA, F16C).
+- llama-build/KEY/: llama-quantize and llama-perplexity of the unpatched source, built with
+  cmake -DGGML_NATIVE=OFF through plm_gguf.llama.build (`cmake_build` + `cached_entry`, keyed by
+  `tools_key`). Not the host build: that one is patched, shared-library and probed-ISA, and has
+  no llama-perplexity.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
+import json
+import platform
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from plm_gguf.llama.build import BuildProgress, cached_entry, cmake_build
 
 WORK = Path(__file__).parent / "work"
 TORCH = "torch==2.13.0"  # the local CPU wheel; any other version pulls the CUDA wheels
@@ -139,15 +147,29 @@ CMAKE_FLAGS = ["-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARE
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]
 
 
+def tools_key() -> str:
+    """The cache key of the tools' build: the llama-cpp-python version (its vendored source),
+    the machine, and a hash of the recipe."""
+    digest = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS]).encode()).hexdigest()[:10]
+    return f"lcp{_llama_cpp_python_version()}-stock-{platform.machine()}-{digest}"
+
+
 def ensure_llama_tools(src: Path, log=print) -> tuple[Path, Path]:
-    build = WORK / "llama-build"
-    paths = tuple(build / "bin" / t for t in TOOLS)
-    if all(p.exists() for p in paths):
-        return paths  # type: ignore[return-value]
-    log(f"building {', '.join(TOOLS)} in {build} (a few minutes)")
-    _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS])
-    _run(["cmake", "--build", str(build), "--config", "Release", "-j", "2", "--target", *TOOLS])
-    return paths  # type: ignore[return-value]
+    """llama-quantize and llama-perplexity of the unpatched source, built once per key into
+    WORK/llama-build/KEY/bin (plm_gguf.llama.build: one lock per key, a staging folder renamed
+    into place when complete, the build log kept as KEY/build.log)."""
+    entry = WORK / "llama-build" / tools_key()
+    with cached_entry(entry, lambda e: all((e / "bin" / t).is_file() for t in TOOLS)) as staging:
+        if staging is not None:
+            log(f"building {', '.join(TOOLS)} in {entry} (a few minutes)")
+            build_dir = staging / "cmake"
+            cmake_build(src, build_dir, CMAKE_FLAGS, list(TOOLS), log_file=staging / "build.log",
+                        progress=BuildProgress("llama.cpp benchmark tools", log), jobs=2)
+            (staging / "bin").mkdir()
+            for name in TOOLS:
+                shutil.copy2(build_dir / "bin" / name, staging / "bin" / name)
+            shutil.rmtree(build_dir, ignore_errors=True)
+    return tuple(entry / "bin" / t for t in TOOLS)  # type: ignore[return-value]
 
 
 def _git_head(src: Path) -> str:

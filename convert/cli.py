@@ -33,11 +33,13 @@ def convert(
 ) -> None:
     """Convert a PLM checkpoint to GGUF (streaming; nothing is left behind on failure)."""
     from plm_gguf.convert.writer import convert as run
+    from plm_gguf.memory import KVLayout, parse_layout
 
+    layout = parse_layout(kv_cache)  # the one place --kv-cache is read
     check_threads(threads)
 
     result = run(model, outfile, outtype, force=force, pre_tokenizer=pre_tokenizer, progress=True, threads=threads,
-                 kv_cache=kv_cache)
+                 kv_cache=layout)
     mib = result.nbytes / 2**20
     speed = result.source_bytes / 2**20 / max(result.seconds, 1e-9)
     console.print(f"[green]wrote[/] {result.outfile} ({result.outtype}, {mib:,.1f} MiB) in {result.seconds:.1f} s, "
@@ -48,7 +50,7 @@ def convert(
         console.print(f"[yellow]fallback[/] {what}: rows do not fit {wanted} blocks, written as {got}")
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")
-    if kv_cache == "latent":
+    if layout is KVLayout.LATENT:
         console.print("[yellow]latent KV layout[/]: stock llama.cpp refuses this file; plm-gguf verify, quantize "
                       "and deploy use llama.cpp with patches/llama.cpp applied")
     if verify_:

@@ -32,70 +32,14 @@ tensors for attn_kv_b) into the latent layout without the checkpoint.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ARCH = "plm"
+from plm_gguf.latent import ARCH, K_B, KV_B, V_B, MlaSizes, merge_kv_b, mla_metadata, split_kv_b  # noqa: F401
 
 # What llama.cpp (unpatched) prints when it is given a latent-layout file.
 STOCK_REFUSAL = "tensor 'blk.0.attn_q.weight' has wrong shape"
-
-KV_B = "blk.{bid}.attn_kv_b.weight"
-K_B = "blk.{bid}.attn_k_b.weight"
-V_B = "blk.{bid}.attn_v_b.weight"
-
-
-@dataclass(frozen=True)
-class MlaSizes:
-    """The sizes the split needs (from a PLMConfig or from a GGUF's plm.* keys)."""
-
-    n_head: int
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-
-    @classmethod
-    def from_config(cls, config) -> "MlaSizes":
-        return cls(config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,
-                   config.qk_rope_head_dim, config.v_head_dim)
-
-    @property
-    def cache_values_per_token_layer(self) -> int:
-        """K cache width of the latent layout (there is no V cache)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
-    @property
-    def stock_values_per_token_layer(self) -> int:
-        return self.n_head * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
-
-
-def split_kv_b(kv_b: np.ndarray, sizes: MlaSizes) -> tuple[np.ndarray, np.ndarray]:
-    """kv_b_proj [n_head*(nope+v), lora] (PyTorch [out, in]; each head [k_nope | v]) ->
-    (attn_k_b [n_head, lora, nope], attn_v_b [n_head, v, lora]), both C-contiguous.
-
-    The numpy shapes are GGUF's ne reversed, as GGUFWriter.add_tensor expects. Only a
-    re-layout: any element type (including raw uint16 views of f16/bf16) splits exactly.
-    """
-    s = sizes
-    per_head = s.qk_nope_head_dim + s.v_head_dim
-    if kv_b.ndim != 2 or kv_b.shape != (s.n_head * per_head, s.kv_lora_rank):
-        raise ValueError(f"kv_b has shape {tuple(kv_b.shape)}, expected "
-                         f"({s.n_head * per_head}, {s.kv_lora_rank}) = (n_head*(qk_nope+v), kv_lora_rank)")
-    kv = kv_b.reshape(s.n_head, per_head, s.kv_lora_rank)
-    k_b = np.ascontiguousarray(kv[:, : s.qk_nope_head_dim, :].transpose(0, 2, 1))
-    v_b = np.ascontiguousarray(kv[:, s.qk_nope_head_dim:, :])
-    return k_b, v_b
-
-
-def merge_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
-    """The inverse of split_kv_b (for tests and for reading latent files back)."""
-    n_head, lora, _ = k_b.shape
-    kv = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)
-    return np.ascontiguousarray(kv.reshape(n_head * kv.shape[1], lora))
-
 
 def latent_tensors(name: str, data: np.ndarray, sizes: MlaSizes) -> list[tuple[str, np.ndarray]]:
     """The GGUF tensors to write for one stock GGUF tensor: attn_kv_b becomes attn_k_b and
@@ -107,25 +51,12 @@ def latent_tensors(name: str, data: np.ndarray, sizes: MlaSizes) -> list[tuple[s
     return [(name, data)]
 
 
-def mla_metadata(sizes: MlaSizes, arch: str = ARCH) -> dict[str, int]:
-    """The plm.* keys of the latent layout (uint32 each). head_count_kv, key_length and
-    value_length REPLACE the stock values; key_length_mla and value_length_mla are new."""
-    s = sizes
-    return {
-        f"{arch}.attention.head_count_kv": 1,
-        f"{arch}.attention.key_length": s.kv_lora_rank + s.qk_rope_head_dim,
-        f"{arch}.attention.value_length": s.kv_lora_rank,
-        f"{arch}.attention.key_length_mla": s.qk_nope_head_dim + s.qk_rope_head_dim,
-        f"{arch}.attention.value_length_mla": s.v_head_dim,
-    }
-
-
 def is_latent(path: str | os.PathLike[str]) -> bool:
-    """Whether a PLM GGUF is in the latent layout (carries key_length_mla); any other file is a
+    """Whether a PLM GGUF is in the latent layout (plm_gguf.memory.layout_of); any other file is a
     UsageError naming it."""
-    from plm_gguf.ggufinfo import read_plm_gguf
+    from plm_gguf.memory import KVLayout, layout_of
 
-    return "plm.attention.key_length_mla" in read_plm_gguf(path).fields
+    return layout_of(path) is KVLayout.LATENT
 
 
 def sizes_from_gguf(reader) -> MlaSizes:
@@ -137,7 +68,9 @@ def sizes_from_gguf(reader) -> MlaSizes:
             raise ValueError(f"the GGUF lacks {ARCH}.{key}")
         return int(f[f"{ARCH}.{key}"].contents())
 
-    if f"{ARCH}.attention.key_length_mla" in f:
+    from plm_gguf.memory import KVLayout, layout_of
+
+    if layout_of(reader) is KVLayout.LATENT:
         raise ValueError("the GGUF is already in the latent (absorbed MLA) layout")
     rope = get("rope.dimension_count")
     return MlaSizes(n_head=get("attention.head_count"), kv_lora_rank=get("attention.kv_lora_rank"),

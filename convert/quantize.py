@@ -10,7 +10,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from plm_gguf.llama_worker import run_worker
+from plm_gguf.llama.runtime import run_worker
 
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 

@@ -31,7 +31,7 @@ import torch
 
 from plm_gguf.checkpoint import Checkpoint, resolve_model
 from plm_gguf.errors import TokenizerError, UsageError
-from plm_gguf.llama_worker import run_worker
+from plm_gguf.llama.runtime import run_worker
 from plm_gguf.reference import PLMForCausalLM
 from plm_gguf.schema import PLMConfig, config_from_gguf
 

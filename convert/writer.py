@@ -25,6 +25,7 @@ from gguf import LlamaFileType as FT
 from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
 from plm_gguf.errors import CheckpointError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
+from plm_gguf.memory import KVLayout, parse_layout
 from plm_gguf.outputs import check_target, claimed, partial_path  # check_target, partial_path: also quant_eval.single
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
@@ -94,15 +95,6 @@ def default_outfile(folder: Path, model: str, outtype: str) -> Path:
     return Path.cwd() / f"{stem}-{outtype.upper()}.gguf"
 
 
-KV_LAYOUTS = ("full", "latent")
-
-
-def check_kv_layout(kv_cache: str) -> None:
-    """--kv-cache: full (stock llama.cpp) or latent (absorbed MLA, patched llama.cpp)."""
-    if kv_cache not in KV_LAYOUTS:
-        raise UsageError(f"--kv-cache {kv_cache!r} is not a layout", "use full (stock llama.cpp) or latent (absorbed MLA)")
-
-
 def convert(
     model: str | os.PathLike[str],
     outfile: str | os.PathLike[str] | None = None,
@@ -112,12 +104,12 @@ def convert(
     pre_tokenizer: str | None = None,
     progress: bool = False,
     threads: int | None = None,
-    kv_cache: str = "full",
+    kv_cache: KVLayout | str = KVLayout.FULL,
 ) -> ConvertResult:
     """Convert a PLM checkpoint (folder or Hugging Face repo id) to GGUF. Everything is checked
     (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written."""
     outtype = parse_outtype(outtype)  # fail fast on a typo, before any download
-    check_kv_layout(kv_cache)
+    kv_cache = parse_layout(kv_cache)  # a KVLayout from the CLI; a str from a Python caller is checked here
     if outtype in NEEDS_IMATRIX:
         raise UsageError(f"{outtype} needs an importance matrix, which convert does not compute",
                          "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")

@@ -10,18 +10,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.memory import MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash_attn_auto, layout_of, plan  # noqa: F401
 
 from .facts import SPEED_FEATURES, DeviceFacts
 
-MIB = 1024 * 1024
-UBATCH = 512  # llama.cpp's default micro-batch: sets the size of the compute buffer
-CACHE_BYTES = 2  # f16 K and V, as deploy runs llama.cpp
 FLASH_ATTN_MODES = ("auto", "on", "off")
 ARCH_ALIASES = {"aarch64": "aarch64", "arm64": "aarch64", "armv8l": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A GGUF's metadata as deploy needs it. n_head_kv, key_length and value_length are the full
+    per-head sizes whatever the layout (a latent file's *_mla keys); `layout` says what is cached."""
+
     path: Path
     size: int
     arch: str
@@ -34,47 +35,27 @@ class ModelInfo:
     n_ff: int
     n_vocab: int
     n_ctx_train: int
-    latent: bool = False  # absorbed-MLA layout: a K-only cache of latent + rope key
+    layout: KVLayout = KVLayout.FULL
     kv_lora_rank: int = 0  # MLA's latent width (0: not an MLA model)
     rope_dim: int = 0
+
+    @property
+    def latent(self) -> bool:
+        return self.layout is KVLayout.LATENT
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                          key_length=self.key_length, value_length=self.value_length, n_embd=self.n_embd,
+                          n_ff=self.n_ff, n_vocab=self.n_vocab, n_ctx_train=self.n_ctx_train,
+                          kv_lora_rank=self.kv_lora_rank, rope_dim=self.rope_dim)
 
     def as_latent(self) -> ModelInfo | None:
         """This stock-layout MLA model as `convert --kv-cache latent` would write it (for its KV
         cache size); None for a latent file or a model without MLA metadata."""
         if self.latent or not self.kv_lora_rank or not self.rope_dim:
             return None
-        return replace(self, latent=True, n_head_kv=1, key_length=self.kv_lora_rank + self.rope_dim,
-                       value_length=self.kv_lora_rank)
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    ctx: int
-    weights: int
-    kv_cache: int
-    compute: int
-    headroom: int
-    available: int
-    flash_attn: bool = False  # llama.cpp runs with flash attention (no KQ score matrix in the compute buffer)
-
-    @property
-    def needed(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.headroom
-
-    @property
-    def fits(self) -> bool:
-        return self.needed <= self.available
-
-    def describe(self) -> str:
-        return (f"weights {_mib(self.weights)} MiB + KV cache {_mib(self.kv_cache)} MiB at ctx {self.ctx} "
-                f"+ compute {_mib(self.compute)} MiB{' (flash attention)' if self.flash_attn else ''} "
-                f"+ headroom {_mib(self.headroom)} MiB "
-                f"= {_mib(self.needed)} MiB vs MemAvailable {_mib(self.available)} MiB")
-
-
-def _mib(n: int) -> str:
-    """Whole MiB, with one decimal below 10 MiB (a small model's KV cache would read 0 or 1)."""
-    return f"{n / MIB:.1f}" if n < 10 * MIB else f"{n / MIB:.0f}"
+        return replace(self, layout=KVLayout.LATENT)
 
 
 def read_model(path: Path) -> ModelInfo:
@@ -99,46 +80,26 @@ def read_model(path: Path) -> ModelInfo:
     arch = value("general.architecture")
     n_head = int(value(f"{arch}.attention.head_count"))
     vocab = info.get("tokenizer.ggml.tokens")  # the array's length
+    layout = layout_of(info)
+    mla = "_mla" if layout is KVLayout.LATENT else ""  # a latent file keeps the per-head sizes in the *_mla keys
     return ModelInfo(
         path=path, size=path.stat().st_size, arch=arch,
         n_layer=int(value(f"{arch}.block_count")), n_head=n_head,
-        n_head_kv=int(value(f"{arch}.attention.head_count_kv", n_head)),
-        key_length=int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
-        value_length=int(value(f"{arch}.attention.value_length", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
+        n_head_kv=n_head if mla else int(value(f"{arch}.attention.head_count_kv", n_head)),
+        key_length=int(value(f"{arch}.attention.key_length{mla}", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
+        value_length=int(value(f"{arch}.attention.value_length{mla}", 0)) or int(value(f"{arch}.embedding_length")) // n_head,
         n_embd=int(value(f"{arch}.embedding_length")), n_ff=int(value(f"{arch}.feed_forward_length")),
         n_vocab=int(value(f"{arch}.vocab_size", 0)) or (vocab or 0),
         n_ctx_train=int(value(f"{arch}.context_length", 0)),
-        latent=info.get(f"{arch}.attention.key_length_mla") is not None,
+        layout=layout,
         kv_lora_rank=int(value(f"{arch}.attention.kv_lora_rank", 0)), rope_dim=int(value(f"{arch}.rope.dimension_count", 0)),
     )
 
 
-def kv_cache_bytes(model: ModelInfo, ctx: int) -> int:
-    """Stock PLM caches full per-head K (n_head * key_length) and V (n_head * value_length), not the
-    MLA latent; a latent-layout file (patched llama.cpp) caches K only: the latent + rope key."""
-    if model.latent:
-        return model.n_layer * ctx * model.n_head_kv * model.key_length * CACHE_BYTES
-    per_token_layer = model.n_head_kv * model.key_length + model.n_head_kv * model.value_length
-    return model.n_layer * ctx * per_token_layer * CACHE_BYTES
-
-
-def compute_bytes(model: ModelInfo, ctx: int, flash_attn: bool = False) -> int:
-    """An estimate of llama.cpp's CPU compute buffer (f32 activations).
-
-    Without flash attention the KQ score matrix [ctx, ubatch, n_head] dominates at long contexts
-    (flash attention works in tiles and keeps none); the rest is a few activations of width
-    n_embd / n_ff / key length per token of the micro-batch, plus logits.
-    """
-    scores = 0 if flash_attn else ctx * UBATCH * model.n_head * 4
-    activations = UBATCH * 4 * (4 * model.n_embd + 2 * model.n_ff + 3 * model.n_head * model.key_length)
-    logits = model.n_vocab * 4 * 2
-    return scores + activations + logits + 16 * MIB
-
-
 def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
                 flash_attn: bool = False) -> MemoryPlan:
-    return MemoryPlan(ctx, model.size, kv_cache_bytes(model, ctx), compute_bytes(model, ctx, flash_attn),
-                      headroom_mib * MIB, facts.mem_available, flash_attn)
+    """The core's memory plan (plm_gguf.memory.plan) for MODEL on the device FACTS describe."""
+    return plan(model.shape, model.layout, model.size, ctx, facts.mem_available, headroom_mib, flash_attn)
 
 
 def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int,
@@ -178,7 +139,7 @@ def resolve_flash_attn(model: ModelInfo, mode: str, mla_patch: bool = True) -> b
                               "convert with --kv-cache latent (which runs with flash attention), "
                               "or use --flash-attn auto")
         return False
-    return mode == "on" or (model.latent and mla_patch)
+    return mode == "on" or flash_attn_auto(model.layout, mla_patch)
 
 
 def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,

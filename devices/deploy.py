@@ -23,6 +23,7 @@ from typing import Callable
 
 from plm_gguf.cache import sha256_file
 from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.memory import default_ctx
 
 from . import checks, toolchain
 from .facts import DeviceFacts, parse_probe, probe_script
@@ -227,7 +228,7 @@ def _prefix_sha256(path: Path, size: int) -> str:
 
 def _resume_offset(transport: Transport, local: Path, partial: str, size: int) -> int:
     """How much of an interrupted upload can be kept: its bytes must equal the file's first bytes."""
-    if not hasattr(transport, "append") or not 0 < size < local.stat().st_size:
+    if not transport.can_append or not 0 < size < local.stat().st_size:
         return 0
     there = transport.run(f"head -c {size} {sh(partial)} | sha256sum", timeout=600, check=False).stdout.split()[:1]
     return size if there == [_prefix_sha256(local, size)] else 0
@@ -280,13 +281,7 @@ def claim(transport: Transport, folder: str, names: list[str], **fields: object)
 
 def target_manifest(profile: Profile, glibc: str = "") -> dict:
     """What a build for the profile will use, known before building (the checks read this)."""
-    import platform
-
-    target = profile.target
-    if target.toolchain == "native":
-        return {"profile": profile.name, "toolchain": "native", "arch": platform.machine(), "uses": [], "glibc": ""}
-    return {"profile": profile.name, "toolchain": target.toolchain, "arch": target.arch, "uses": list(target.uses),
-            "glibc": glibc or target.glibc, "max_page_size": toolchain.MAX_PAGE_SIZE}
+    return toolchain.target_manifest(profile, glibc)
 
 
 def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx: int | None,
@@ -309,7 +304,7 @@ def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx
     if model.arch != "plm":
         warnings.append(f"the model's architecture is {model.arch!r}, not 'plm'")
     if ctx is None:
-        ctx = min(profile.ctx, model.n_ctx_train) if model.n_ctx_train else profile.ctx
+        ctx = default_ctx(profile.ctx, model.n_ctx_train)  # as the sweep's MemoryTarget plans it
     elif model.n_ctx_train and ctx > model.n_ctx_train:
         warnings.append(f"ctx {ctx} is beyond the model's training context {model.n_ctx_train}")
     if ctx < 64:
@@ -351,9 +346,7 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress)
     result = DeployResult(profile.name, transport.describe(), facts, built.key, folder, f"{folder}/{model.path.name}",
                           ctx, n_threads, plan, sent, skipped, resumed, warnings)
-    result.kernels = [f for f in ("i8mm", "asimddp", "fphp") if f in built.manifest.get("uses", ())]
-    if built.manifest.get("toolchain") == "native":
-        result.kernels = [f"{built.manifest.get('isa', 'host')} (self-checked)"]
+    result.kernels = toolchain.toolchain_for(profile).kernels(built.manifest)
     if smoke:
         progress("smoke", "llama-completion")
         result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,

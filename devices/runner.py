@@ -19,7 +19,7 @@ from plm_gguf.errors import DeviceError
 
 from .facts import parse_temperature_output, temperature_script
 from .profiles import Profile
-from .transports import AdbTransport, SshTransport, Transport, exec_argv, sh
+from .transports import Transport, exec_argv, sh
 
 SMOKE_PROMPT = "The capital of France is"
 SERVER = "llama-server"
@@ -150,27 +150,21 @@ def start_server(transport: Transport, profile: Profile, folder: str, model: str
         raise DeviceError(f"llama-server did not stay up on {profile.name}",
                           "its log ends: " + " | ".join(log.splitlines())[:400])
     pid = int(result.stdout.strip())
-    local = forward_port or port
-    if isinstance(transport, AdbTransport):
-        transport.forward(local, port)
-        forward = f"adb forward tcp:{local} tcp:{port} (set up): http://127.0.0.1:{local}"
-    elif isinstance(transport, SshTransport):
-        forward = transport.forward_hint(local, port)
-    else:
-        forward = "none needed (local)"
+    forward = transport.forward(forward_port or port, port)
     return ServerInfo(port, pid, f"http://127.0.0.1:{port}", forward)
 
 
 def stop_server(transport: Transport, folder: str, port: int | None = None) -> None:
     """Stop the llama-server this tool started (by the pid it recorded, once /proc confirms the
-    process is that server), and its adb forward. A pid file naming another process is an error
-    and that process is left alone; a pid file of a process that is gone is removed."""
+    process is that server), and the forward the transport set up for it (adb's). A pid file
+    naming another process is an error and that process is left alone; a pid file of a process
+    that is gone is removed."""
     pidfile = f"{folder}/server.pid"
     pid = _recorded_pid(transport, pidfile)
     if pid is not None:
         _stop_if_ours(transport, pid, f"{folder}/{SERVER}", pidfile)
-    if port and isinstance(transport, AdbTransport):
-        transport.remove_forward(port)  # port: the local end of the forward
+    if port:
+        transport.unforward(port)  # port: the local end of the forward
 
 
 def _recorded_pid(transport: Transport, pidfile: str) -> int | None:

@@ -4,7 +4,9 @@
 runs it on the device with a timeout. ``put`` and ``get`` copy one file; ``get`` writes a
 temporary beside the local file and renames it only when the copy is complete, so a failed
 copy leaves nothing behind. Everything above this module (probe, deploy, bench) is written
-once against :class:`Transport`.
+once against :class:`Transport`: what differs between transports (resumable uploads, how a
+port on the device is reached from here) is a method of that interface, never a question of
+which transport it is.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import secrets
 import shlex
 import shutil
 import subprocess
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 from plm_gguf.errors import DeviceError, UsageError
 
@@ -39,18 +42,49 @@ class Result:
         return self.returncode == 0
 
 
-class Transport(Protocol):
-    """run, put, get. Transports that can also `append(local, remote, offset)` get resumable uploads."""
+class Transport(ABC):
+    """How commands and files reach one device: the only interface the layers above use.
 
-    name: str
+    run, put, get and describe are what every transport does. The capabilities that differ are
+    methods here too, with defaults for a transport that lacks them:
 
-    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result: ...
+    - ``can_append`` / ``append(local, remote, offset)``: resumable uploads (deploy resumes an
+      interrupted upload only where ``can_append`` is true);
+    - ``forward(local, port)``: make the device's 127.0.0.1:port reachable here as
+      127.0.0.1:local, set up now or described as the command the user runs; returns that
+      description. ``unforward(local)`` undoes what ``forward`` set up (nothing by default).
+    """
 
-    def put(self, local: Path, remote: str) -> None: ...
+    name: str = ""
+    can_append: bool = False
 
-    def get(self, remote: str, local: Path) -> None: ...
+    @abstractmethod
+    def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
+        """Run a POSIX shell script on the device; check=True raises DeviceError on a failure."""
 
-    def describe(self) -> str: ...
+    @abstractmethod
+    def put(self, local: Path, remote: str) -> None:
+        """Copy one local file to `remote` on the device."""
+
+    @abstractmethod
+    def get(self, remote: str, local: Path) -> None:
+        """Copy one file from the device; `local` appears only when the copy is complete."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The device as a person names it (in messages and results)."""
+
+    def append(self, local: Path, remote: str, offset: int) -> None:
+        """Send `local` from byte `offset` onto the end of `remote` (resuming an interrupted upload)."""
+        raise DeviceError(f"{self.describe()} cannot resume an upload", "send the whole file with put")
+
+    @abstractmethod
+    def forward(self, local: int, port: int) -> str:
+        """Make the device's 127.0.0.1:port reachable here as 127.0.0.1:local; says what was done
+        (or the command the user runs to do it)."""
+
+    def unforward(self, local: int) -> None:
+        """Remove what forward(local, ...) set up; nothing for transports that set nothing up."""
 
 
 def sh(*argv: str | os.PathLike) -> str:
@@ -124,10 +158,11 @@ def _hint_for(stderr: str) -> str:
     return GENERIC_HINT
 
 
-class LocalTransport:
-    """This machine, through /bin/sh."""
+class LocalTransport(Transport):
+    """This machine, through /bin/sh: a port on it needs no forward."""
 
     name = "local"
+    can_append = True
 
     def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
         return _exec(["/bin/sh", "-c", script], f"local command {_first_line(script)!r}", timeout, check)
@@ -148,11 +183,14 @@ class LocalTransport:
                 src.seek(offset)
                 shutil.copyfileobj(src, dst, 1 << 20)
 
+    def forward(self, local: int, port: int) -> str:
+        return "none needed (local)"
+
     def describe(self) -> str:
         return "local"
 
 
-class SshTransport:
+class SshTransport(Transport):
     """The OpenSSH client: ~/.ssh/config, keys, agents and ProxyJump apply as for a plain `ssh`.
 
     Host keys are always checked (StrictHostKeyChecking=yes); an unknown host is refused,
@@ -160,6 +198,7 @@ class SshTransport:
     """
 
     name = "ssh"
+    can_append = True
 
     def __init__(self, spec: TransportSpec) -> None:
         if not spec.host:
@@ -224,16 +263,18 @@ class SshTransport:
                 argv = self._base() + ["-T", "--", self.destination, "cat " + _remote_path(remote)]
                 _exec(argv, what, DEFAULT_TIMEOUT * 10, True, stdout=fh)
 
-    def forward_hint(self, local: int, port: int) -> str:
-        """The command that makes the device's 127.0.0.1:port reachable here as 127.0.0.1:local."""
+    def forward(self, local: int, port: int) -> str:
+        """Nothing is set up here: the ssh command that makes the device's 127.0.0.1:port
+        reachable here as 127.0.0.1:local, for the user to run."""
         return sh(*self._base(), "-N", "-L", f"{local}:127.0.0.1:{port}", self.destination)
 
     def describe(self) -> str:
         return f"ssh {self.destination}" + (f" port {self.spec.port}" if self.spec.port else "")
 
 
-class AdbTransport:
-    """The adb client; `-s SERIAL` when the profile or --address names one."""
+class AdbTransport(Transport):
+    """The adb client; `-s SERIAL` when the profile or --address names one. No resumable uploads
+    (adb push has no append); ports are forwarded with `adb forward`, which outlives this command."""
 
     name = "adb"
 
@@ -255,11 +296,12 @@ class AdbTransport:
         with _download(local) as tmp:
             _exec(self._base() + ["pull", remote, str(tmp)], f"adb pull {remote}", DEFAULT_TIMEOUT * 10, True)
 
-    def forward(self, local_port: int, remote_port: int) -> None:
-        _exec(self._base() + ["forward", f"tcp:{local_port}", f"tcp:{remote_port}"], "adb forward", 30, True)
+    def forward(self, local: int, port: int) -> str:
+        _exec(self._base() + ["forward", f"tcp:{local}", f"tcp:{port}"], "adb forward", 30, True)
+        return f"adb forward tcp:{local} tcp:{port} (set up): http://127.0.0.1:{local}"
 
-    def remove_forward(self, local_port: int) -> None:
-        _exec(self._base() + ["forward", "--remove", f"tcp:{local_port}"], "adb forward --remove", 30, False)
+    def unforward(self, local: int) -> None:
+        _exec(self._base() + ["forward", "--remove", f"tcp:{local}"], "adb forward --remove", 30, False)
 
     def describe(self) -> str:
         return "adb" + (f" -s {self.spec.serial}" if self.spec.serial else "")

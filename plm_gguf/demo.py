@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
-# 4.4M parameters trained on Python's standard library (python -m plm_gguf.quant_eval.train)
+# 4.4M parameters trained on Python's standard library (python -m plm_gguf.fixtures.train)
 TRAINED = Path(__file__).resolve().parents[1] / "tests" / "data" / "trained-plm"
 
 DEMO_TYPES = ("f32", "bf16", "f16", "q8_0", "q4_k_m")

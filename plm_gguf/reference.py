@@ -18,11 +18,14 @@ import numpy as np
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from plm_gguf.checkpoint import Checkpoint, check_finite
 from plm_gguf.errors import CheckpointError
-from plm_gguf.schema import PLMConfig
+from plm_gguf.ggufinfo import read_gguf_info
+from plm_gguf.latent import merge_kv_b
+from plm_gguf.schema import PLMConfig, tensor_table
 
 
 class RMSNorm(nn.Module):
@@ -180,17 +183,11 @@ class PLMForCausalLM(nn.Module):
     def from_gguf(cls, path, config: PLMConfig, compute_dtype: torch.dtype = torch.float32) -> "PLMForCausalLM":
         """The same model with the weights a GGUF file holds (decoded by gguf-py), so the file's
         content can be compared with its checkpoint in exact arithmetic, apart from any runtime."""
-        from gguf import GGMLQuantizationType as QT
-
-        from plm_gguf.ggufinfo import read_gguf_info
-        from plm_gguf.schema import tensor_table
-
         info = read_gguf_info(path)
         state = {}
         for spec in tensor_table(config):
             if spec.gguf_name not in info.tensors and spec.gguf_name.endswith("attn_kv_b.weight"):
-                from plm_gguf.convert.mla import merge_kv_b  # latent layout: kv_b stored split
-
+                # the latent layout stores kv_b split in two
                 prefix = spec.gguf_name.removesuffix("attn_kv_b.weight")
                 k_b, v_b = (info.values(prefix + part) for part in ("attn_k_b.weight", "attn_v_b.weight"))
                 state[spec.hf_name] = torch.from_numpy(merge_kv_b(k_b, v_b).astype(np.float32))

@@ -199,8 +199,10 @@ def config_from_gguf(path: Path) -> PLMConfig:
     from plm_gguf.errors import InputError
     from plm_gguf.ggufinfo import GGUFFormatError, read_plm_gguf
 
+    from plm_gguf.memory import KVLayout, layout_of
+
     info = read_plm_gguf(path)
-    latent = "plm.attention.key_length_mla" in info.fields  # absorbed MLA: per-head sizes in the *_mla keys
+    latent = layout_of(info) is KVLayout.LATENT  # absorbed MLA: per-head sizes in the *_mla keys
     try:
         i = lambda key: info.typed(f"plm.{key}", int)  # noqa: E731
         rope, key_length = i("rope.dimension_count"), i("attention.key_length_mla" if latent else "attention.key_length")
@@ -221,14 +223,6 @@ def config_from_gguf(path: Path) -> PLMConfig:
         raise InputError(f"{path} has broken PLM metadata: {getattr(exc, 'message', exc)}",
                          "convert the checkpoint again with plm-gguf convert") from exc
     return replace(config, num_key_value_heads=config.num_attention_heads, defaulted=())
-
-
-def kv_cache_bytes(config: PLMConfig, n_ctx: int, bytes_per_value: float = 2.0, latent: bool = False) -> int:
-    """llama.cpp's PLM KV cache. Stock layout: full per-head K (nope+rope) and V for every layer.
-    Latent layout (absorbed MLA, patched llama.cpp): the latent and the shared rope key only."""
-    per_token_layer = (config.kv_lora_rank + config.qk_rope_head_dim if latent
-                       else config.n_head * (config.qk_head_dim + config.v_head_dim))
-    return int(config.num_hidden_layers * n_ctx * per_token_layer * bytes_per_value)
 
 
 @dataclass(frozen=True)

@@ -29,36 +29,43 @@ def quantize(
     types: Optional[str] = typer.Option(None, "--types", help="Comma-separated stock types to sweep instead of the default recipes."),
     recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of \\[\\[recipe]] tables."),
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluation (and calibration) text; default: a built-in bilingual corpus."),
-    ctx: int = typer.Option(512, "--ctx", help="Evaluation chunk length, and the context memory is counted at."),
+    ctx: int = typer.Option(512, "--ctx", help="Evaluation chunk length, and the context memory is counted at "
+                            "for --budget-mb (--device counts it at the profile's ctx, as deploy does)."),
     budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="Memory budget for the recommendation (MiB)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Take the budget from a device profile: probed MemAvailable minus headroom."),
+    device: Optional[str] = typer.Option(None, "--device", help="Recommend for a device profile as deploy checks it: "
+                                         "probed MemAvailable minus headroom, the KV cache at the profile's ctx."),
+    profile_file: Optional[Path] = typer.Option(None, "--profile", help="A profile TOML file (instead of --device)."),
+    address: str = typer.Option("", "--address", help="ssh \\[user@]host\\[:port] or adb serial, overriding the "
+                                "profile's (with --device or --profile)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (resumable); default sweep-<model>."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads"),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="full or latent: the KV-cache layout to quantize "
                                            "(default: the source's; a checkpoint converts to full)."),
 ) -> None:
     """Quantize to one type, or sweep recipes: KL, top-1, perplexity, size, memory, speed."""
+    from plm_gguf.memory import parse_layout
     from plm_gguf.options import check_threads
-    from plm_gguf.quant_eval.sweep import check_layout_request
 
     if sweep == bool(type_):
         raise UsageError("give either --type TYPE or --sweep", "plm-gguf quantize MODEL --sweep, or --type q4_k_m")
     _check_mode_options(sweep, {"--types": types, "--recipes": recipes, "--budget-mb": budget_mb, "--device": device,
-                                "--out": out, "--outfile": outfile})
-    check_layout_request(kv_cache)
+                                "--profile": profile_file, "--address": address or None, "--out": out,
+                                "--outfile": outfile})
+    layout = parse_layout(kv_cache)  # the one place quantize reads --kv-cache
     check_threads(threads)
     corpus, corpus_name = _read_text(text)
     if type_:
         from plm_gguf.quant_eval.single import quantize_one
 
-        result = quantize_one(source, type_, outfile, force=force, text=corpus, threads=threads, kv_cache=kv_cache)
+        result = quantize_one(source, type_, outfile, force=force, text=corpus, threads=threads, kv_cache=layout)
         console.print(f"[green]wrote[/] {result['outfile']} ({type_}, {result['file_bytes'] / 2**20:,.1f} MiB, "
                       f"{result['bpw']:.2f} bits/weight{', with an importance matrix' if result['imatrix'] else ''})")
         return
-    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache, force)
+    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, (device, profile_file, address), out, threads,
+           layout, force)
 
 
-_SWEEP_ONLY = ("--types", "--recipes", "--budget-mb", "--device", "--out")
+_SWEEP_ONLY = ("--types", "--recipes", "--budget-mb", "--device", "--profile", "--address", "--out")
 _TYPE_ONLY = ("--outfile",)
 
 
@@ -68,8 +75,10 @@ def _check_mode_options(sweep: bool, given: dict[str, object]) -> None:
     unused = [name for name in theirs if given[name] is not None]
     if unused:
         raise UsageError(f"{unused[0]} does nothing with {mode}", f"{unused[0]} belongs to {other}; leave it out")
-    if given["--budget-mb"] is not None and given["--device"]:
+    if given["--budget-mb"] is not None and (given["--device"] or given["--profile"]):
         raise UsageError("give --budget-mb or --device, not both", "--device takes the budget from the device's memory")
+    if given["--address"] and not (given["--device"] or given["--profile"]):
+        raise UsageError("--address needs --device or --profile", "--address overrides the device profile's address")
 
 
 def _read_text(text: Path | None) -> tuple[str, str]:
@@ -98,13 +107,18 @@ def _read_text(text: Path | None) -> tuple[str, str]:
     return content, str(text)
 
 
-def _device_budget(name: str) -> tuple[float, str]:
+def _device_target(name: str | None, profile_file: Path | None = None, address: str = ""):
+    """The device's side of deploy's memory plan (plm_gguf.memory.MemoryTarget): the profile's
+    headroom and ctx (what deploy runs at without --ctx) and the probed MemAvailable."""
     from plm_gguf.devices.deploy import probe, resolve_profile
+    from plm_gguf.memory import MemoryTarget
 
-    profile = resolve_profile(name)
+    profile = resolve_profile(name or "host", str(profile_file) if profile_file else None, address)
     facts = probe(profile)
-    mib = facts.mem_available / 2**20 - profile.headroom_mib
-    return mib, f"{name}: {facts.mem_available / 2**20:,.0f} MiB available - {profile.headroom_mib} MiB headroom"
+    label = name or str(profile_file)
+    return MemoryTarget(available=facts.mem_available, headroom_mib=profile.headroom_mib, ctx=profile.ctx,
+                        source=f"{label}: {facts.mem_available / 2**20:,.0f} MiB available - "
+                               f"{profile.headroom_mib} MiB headroom")
 
 
 def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache,
@@ -121,8 +135,9 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
                            budget_mib=budget_mb, budget_source=f"--budget-mb {budget_mb:g}" if budget_mb else "",
                            kv_cache=kv_cache, replace=replace)
     origin = check_sweep(source, options)  # before the device is probed: a bad option costs nothing
-    if device:
-        options.budget_mib, options.budget_source = _device_budget(device)
+    if any(device[:2]):
+        options.target = _device_target(*device)
+        options.budget_mib, options.budget_source = options.target.budget_mib, options.target.source
     done = [0]
 
     def on_event(kind: str, data: dict) -> None:
@@ -170,8 +185,8 @@ def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, dev
     if rec:
         if rec["recipe"]:
             console.print(f"[bold]recommended[/] for {rec['budget_mib']:,.0f} MiB ({rec['budget_source']}): "
-                          f"[bold green]{rec['recipe']}[/] — {rec['memory_mib']:,.0f} MiB with the KV cache at ctx {ctx}; "
+                          f"[bold green]{rec['recipe']}[/] — {rec['memory_mib']:,.0f} MiB ({rec['basis']}); "
                           f"{rec['reason']}")
         else:
-            console.print(f"[bold red]no recipe fits[/] {rec['budget_mib']:,.0f} MiB: {rec['reason']}")
+            console.print(f"[bold red]no recipe fits[/] {rec['budget_mib']:,.0f} MiB ({rec['basis']}): {rec['reason']}")
     console.print(f"★ recommended, ◆ Pareto frontier, ✗ failed; report.json, report.csv and pareto.png in {out}/")

@@ -8,21 +8,22 @@ import tempfile
 from pathlib import Path
 
 from plm_gguf.errors import UsageError
+from plm_gguf.memory import KVLayout, layout_of, parse_layout
 from plm_gguf.quant_eval.recipes import stock_recipes
 from plm_gguf.quant_eval.scoring import MIN_CTX
 
 
 def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int,
-                 kv_cache: str | None = None) -> dict:
+                 kv_cache: KVLayout | str | None = None) -> dict:
     from plm_gguf.convert.quantize import quantize_file
     from plm_gguf.convert.writer import convert
     from plm_gguf.outputs import check_target, claimed, partial_path
     from plm_gguf.schema import config_from_gguf
     from plm_gguf.options import check_threads
-    from plm_gguf.quant_eval.sweep import check_layout_request, file_facts, gguf_in_layout
+    from plm_gguf.quant_eval.sweep import file_facts, gguf_in_layout
 
     recipe = stock_recipes([type_])[0]
-    check_layout_request(kv_cache)
+    kv_cache = parse_layout(kv_cache)  # (a KVLayout from the CLI; a str from a Python caller)
     check_threads(threads)
     path = Path(source).expanduser()
     is_gguf = path.is_file()
@@ -30,7 +31,7 @@ def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, 
         config_from_gguf(path)  # a PLM GGUF, every key it is read by type-checked, before any work
     if not is_gguf and not recipe.uses_imatrix:  # plain llama.cpp type from a checkpoint: convert does it
         result = convert(source, outfile, recipe.base, force=force, progress=True, threads=threads,
-                         kv_cache=kv_cache or "full")
+                         kv_cache=kv_cache or KVLayout.FULL)
         return {"outfile": result.outfile, "imatrix": False, **file_facts(result.outfile)}
 
     target = outfile or Path.cwd() / f"{(path.stem if is_gguf else str(source).split('/')[-1])}-{type_.upper()}.gguf"
@@ -39,7 +40,7 @@ def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, 
     with claimed(target), tempfile.TemporaryDirectory(prefix="plm-gguf-q-", dir=target.parent) as tmp, \
             partial_path(target, ".partial") as out:
         base = (gguf_in_layout(path, kv_cache, Path(tmp) / "base-latent.gguf") if is_gguf else
-                convert(source, Path(tmp) / "base.gguf", "auto", kv_cache=kv_cache or "full").outfile)
+                convert(source, Path(tmp) / "base.gguf", "auto", kv_cache=kv_cache or KVLayout.FULL).outfile)
         imatrix = _imatrix_for(base, text, Path(tmp)) if recipe.uses_imatrix else None
         quantize_file(base, out, recipe.base, threads=threads, progress=True, imatrix=imatrix)
         os.replace(out, target)
@@ -49,7 +50,7 @@ def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, 
 def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
     import json
 
-    from plm_gguf.llama_worker import run_worker
+    from plm_gguf.llama.runtime import run_worker
     from plm_gguf.quant_eval.imatrix import compute_imatrix
     from plm_gguf.reference import PLMForCausalLM
     from plm_gguf.schema import config_from_gguf
@@ -61,7 +62,5 @@ def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
         raise UsageError(f"the calibration text has {len(tokens)} tokens; an importance matrix needs {MIN_CTX}",
                          "give a longer --text (a few pages), or leave --text out for the built-in corpus")
     model = PLMForCausalLM.from_gguf(base, config_from_gguf(base))
-    from plm_gguf.convert.mla import is_latent
-
-    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz", latent=is_latent(base))
+    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz", latent=layout_of(base) is KVLayout.LATENT)
     return tmp / "imatrix.npz"

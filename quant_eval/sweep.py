@@ -35,11 +35,12 @@ import gguf
 
 from plm_gguf.errors import LlamaCppError, OutputError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info, read_plm_gguf
-from plm_gguf.llama_worker import run_worker
+from plm_gguf.llama.runtime import run_worker
 from plm_gguf.options import check_threads
 from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
 from plm_gguf.quant_eval.scoring import MIN_CTX, scored_range
-from plm_gguf.schema import PLMConfig, config_from_gguf, kv_cache_bytes
+from plm_gguf.memory import KVLayout, MemoryTarget, ModelShape, kv_cache_bytes, layout_of, parse_layout
+from plm_gguf.schema import PLMConfig, config_from_gguf
 
 REPORT_VERSION = 1
 KEY_FILE, KEY_VERSION = "sweep-key.json", 1
@@ -73,8 +74,13 @@ class SweepOptions:
     imatrix_tokens: int = 4096
     budget_mib: float | None = None
     budget_source: str = ""
-    kv_cache: str | None = None  # full | latent: the layout to quantize; None: the source's (a checkpoint: full)
+    kv_cache: KVLayout | None = None  # the layout to quantize; None: the source's (a checkpoint: full)
     replace: bool = False  # replace results in `out` made from other inputs (--force); else refuse
+    # a device (quantize --device): the recommendation is deploy's memory plan there, at its ctx
+    target: MemoryTarget | None = None
+
+    def __post_init__(self) -> None:
+        self.kv_cache = parse_layout(self.kv_cache)  # (a str from a Python caller)
 
 
 @dataclass(frozen=True)
@@ -136,37 +142,27 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def check_layout_request(kv_cache: str | None) -> None:
-    """--kv-cache for quantize: a layout, or None for the source's own."""
-    from plm_gguf.convert.writer import check_kv_layout
-
-    if kv_cache is not None:
-        check_kv_layout(kv_cache)
-
-
-def check_layout(path: Path, kv_cache: str | None) -> None:
+def check_layout(path: Path, kv_cache: KVLayout | None) -> None:
     """Refuse to turn a latent-layout file back into the full one (that needs its checkpoint)."""
-    from plm_gguf.convert.mla import is_latent
-
-    if kv_cache == "full" and is_latent(path):
+    if kv_cache is KVLayout.FULL and layout_of(path) is KVLayout.LATENT:
         raise UsageError(f"{path.name} has the latent KV-cache layout; --kv-cache full needs the stock one",
                          "leave out --kv-cache (quantize the file as it is), or start from the checkpoint")
 
 
-def gguf_in_layout(path: Path, kv_cache: str | None, dest: Path) -> Path:
-    """PATH itself, or PATH rewritten into the latent layout at DEST (kv_cache "latent" for a
+def gguf_in_layout(path: Path, kv_cache: KVLayout | None, dest: Path) -> Path:
+    """PATH itself, or PATH rewritten into the latent layout at DEST (kv_cache latent for a
     stock-layout file); a latent file cannot go back to full without its checkpoint."""
-    from plm_gguf.convert.mla import is_latent, rewrite_to_latent
+    from plm_gguf.convert.mla import rewrite_to_latent
 
     check_layout(path, kv_cache)
-    if kv_cache == "latent" and not is_latent(path):
+    if kv_cache is KVLayout.LATENT and layout_of(path) is KVLayout.FULL:
         if not dest.exists():
             rewrite_to_latent(path, dest)
         return dest
     return path
 
 
-def open_source(source: str, kv_cache: str | None) -> Source:
+def open_source(source: str, kv_cache: KVLayout | None) -> Source:
     """SOURCE as a sweep's starting point: an unquantized PLM GGUF or a checkpoint, checked
     (and a repo id downloaded) before anything is written."""
     path = Path(source).expanduser()
@@ -312,7 +308,7 @@ def claim_folder(out: Path, key: dict, source: Source, replace: bool) -> list[st
     return changed
 
 
-def prepare_base(source: Source, out: Path, threads: int, kv_cache: str | None = None) -> tuple[Path, dict]:
+def prepare_base(source: Source, out: Path, threads: int, kv_cache: KVLayout | None = None) -> tuple[Path, dict]:
     """The unquantized GGUF to quantize from and compare against (in the layout asked for), and
     how it was checked."""
     path = source.path
@@ -326,9 +322,9 @@ def prepare_base(source: Source, out: Path, threads: int, kv_cache: str | None =
 
     dtype = Checkpoint(path).source_dtype
     outtype = "bf16" if dtype == "BF16" else "f32"  # lossless either way
-    base = inside(out, f"base-{outtype.upper()}{'-latent' if kv_cache == 'latent' else ''}.gguf")
+    base = inside(out, f"base-{outtype.upper()}{'-latent' if kv_cache is KVLayout.LATENT else ''}.gguf")
     if not base.exists():
-        convert(path, base, outtype, kv_cache=kv_cache or "full")
+        convert(path, base, outtype, kv_cache=kv_cache or KVLayout.FULL)
     check = verify(path, base, threads=threads)
     stats = check.file_stats or check.stats
     info = {"source": str(path), "file_type": check.file_type, "verified": check.passed,
@@ -339,7 +335,6 @@ def prepare_base(source: Source, out: Path, threads: int, kv_cache: str | None =
 
 def check_sweep(source: str, options: SweepOptions) -> Source:
     """Everything a sweep checks before it writes anything; the source it starts from."""
-    check_layout_request(options.kv_cache)
     origin = open_source(source, options.kv_cache)
     check_options(options, origin)
     check_folder(options.out, sweep_key(origin, options), options.replace)
@@ -419,7 +414,8 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
     sweep.report["rows"] = {r.name: sweep.report["rows"][r.name] for r in options.recipes} | {
         k: v for k, v in sweep.report["rows"].items() if k not in {r.name for r in options.recipes}}
     rows = list(sweep.report["rows"].values())
-    sweep.report["recommendation"] = recommend(rows, options.budget_mib, options.budget_source)
+    sweep.report["recommendation"] = recommend(rows, options.budget_mib, options.budget_source, options.target,
+                                               ModelShape.of_config(config), layout_of(base), options.ctx)
     sweep.report["mixes_vs_stock"] = mixes_vs_stock(rows)
     sweep.save()
     from plm_gguf.quant_eval import report as rep
@@ -469,7 +465,6 @@ def _tokens(sweep: Sweep) -> list[int]:
 def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
     path = sweep.path("imatrix.npz")
     if not path.exists():
-        from plm_gguf.convert.mla import is_latent
         from plm_gguf.quant_eval.imatrix import compute_imatrix
         from plm_gguf.reference import PLMForCausalLM
 
@@ -477,7 +472,7 @@ def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
         model = PLMForCausalLM.from_gguf(sweep.base, sweep.config)
         with replacing(path) as tmp:
             compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], tmp, n_ctx=sweep.options.ctx,
-                            latent=is_latent(sweep.base))
+                            latent=layout_of(sweep.base) is KVLayout.LATENT)
     return path
 
 
@@ -502,9 +497,7 @@ def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str, reference: P
                 "--out", str(result_file), "--threads", str(sweep.options.threads)])
     result = json.loads(result_file.read_text())
     result_file.unlink()
-    from plm_gguf.convert.mla import is_latent
-
-    expected = kv_cache_bytes(sweep.config, sweep.options.ctx, latent=is_latent(model)) / 2**20
+    expected = kv_cache_bytes(ModelShape.of_config(sweep.config), layout_of(model), sweep.options.ctx) / 2**20
     result.update(kv_mib_expected=round(expected, 2), ppl=math.exp(result["nll_mean"]),
                   prompt_tps=result["prompt_tokens"] / result["prompt_seconds"],
                   gen_tps=result["gen_tokens"] / result["gen_seconds"])
@@ -561,20 +554,46 @@ def file_facts(path: Path) -> dict:
             "types": {g: sorted(v) for g, v in sorted(groups.items())}}
 
 
-def recommend(rows: list[dict], budget_mib: float | None, budget_source: str) -> dict | None:
-    """The most accurate (lowest mean KL) recipe whose weights + KV cache + compute buffer fit."""
+def recommend(rows: list[dict], budget_mib: float | None, budget_source: str, target: MemoryTarget | None = None,
+              shape: ModelShape | None = None, layout: KVLayout = KVLayout.FULL, ctx: int | None = None) -> dict | None:
+    """The most accurate (lowest mean KL) recipe whose weights + KV cache + compute buffer fit.
+
+    With a device TARGET (quantize --device) a recipe fits when deploy's memory plan there fits
+    (plm_gguf.memory.plan: the file, the KV cache of SHAPE in LAYOUT at the profile's ctx, the
+    compute estimate with flash attention as deploy's auto, the profile's headroom, against
+    MemAvailable): the very check deploy refuses by. With --budget-mb: the memory measured at
+    the sweep's --ctx (CTX) against BUDGET_MIB."""
     ok = [r for r in rows if r.get("status") == "ok"]
+    if target is not None:
+        if shape is None:
+            raise ValueError("a device recommendation needs the model's shape")
+        plans = {r["recipe"]: target.plan(shape, layout, r["file_bytes"]) for r in ok}
+        need = {name: (p.needed - p.headroom) / 2**20 for name, p in plans.items()}
+        fitting = {name for name, p in plans.items() if p.fits}
+        budget_mib, budget_source = target.budget_mib, target.source
+        plan_ctx = next(iter(plans.values())).ctx if plans else None
+        basis = (f"deploy's memory plan at the device profile's ctx {plan_ctx}: weights + KV cache + estimated "
+                 f"compute buffer{' (flash attention)' if plans and next(iter(plans.values())).flash_attn else ''} "
+                 f"+ {target.headroom_mib} MiB headroom vs MemAvailable")
+    else:
+        need = {r["recipe"]: r["memory_mib"] for r in ok}
+        fitting = {name for name, mib in need.items() if budget_mib is not None and mib <= budget_mib}
+        plans, plan_ctx = {}, ctx
+        basis = f"memory measured at --ctx {ctx}" if ctx else "memory measured"
     if budget_mib is None or not ok:
         return None
-    fits = [r for r in ok if r["memory_mib"] <= budget_mib]
+    head = {"budget_mib": budget_mib, "budget_source": budget_source, "ctx": plan_ctx, "basis": basis}
+    fits = [r for r in ok if r["recipe"] in fitting]
     if not fits:
-        smallest = min(ok, key=lambda r: r["memory_mib"])
-        return {"budget_mib": budget_mib, "budget_source": budget_source, "recipe": None,
-                "reason": f"nothing fits: the smallest, {smallest['recipe']}, needs {smallest['memory_mib']:.0f} MiB"}
-    best = min(fits, key=lambda r: (r["kl_mean"], r["memory_mib"]))
-    return {"budget_mib": budget_mib, "budget_source": budget_source, "recipe": best["recipe"],
-            "memory_mib": best["memory_mib"], "kl_mean": best["kl_mean"],
-            "reason": f"lowest mean KL among the {len(fits)} of {len(ok)} recipes that fit"}
+        smallest = min(ok, key=lambda r: need[r["recipe"]])
+        return {**head, "recipe": None,
+                "reason": f"nothing fits: the smallest, {smallest['recipe']}, needs {need[smallest['recipe']]:.0f} MiB"}
+    best = min(fits, key=lambda r: (r["kl_mean"], need[r["recipe"]]))
+    out = {**head, "recipe": best["recipe"], "memory_mib": need[best["recipe"]], "kl_mean": best["kl_mean"],
+           "reason": f"lowest mean KL among the {len(fits)} of {len(ok)} recipes that fit"}
+    if best["recipe"] in plans:
+        out["plan"] = plans[best["recipe"]].describe()
+    return out
 
 
 def mixes_vs_stock(rows: list[dict]) -> list[dict]:

@@ -9,7 +9,8 @@ from plm_gguf.convert.mla import is_latent
 from plm_gguf.convert.verify import verify
 from plm_gguf.convert.writer import convert
 from plm_gguf.ggufinfo import read_gguf_info
-from plm_gguf.schema import config_from_gguf, kv_cache_bytes
+from plm_gguf.memory import KVLayout, ModelShape, kv_cache_bytes
+from plm_gguf.schema import config_from_gguf
 
 from .conftest import ODD_CONFIG, run_cli
 
@@ -28,7 +29,8 @@ def test_latent_layout_from_the_checkpoint(tmp_path, odd_checkpoint):
     assert (back.qk_nope_head_dim, back.qk_rope_head_dim, back.v_head_dim, back.n_head, back.kv_lora_rank) == \
         (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.n_head, c.kv_lora_rank)
     # 576 vs 16*(192+128) values per token and layer for PLM-1.8B; here (24+6) vs 5*(18+20)
-    assert kv_cache_bytes(c, 4096, latent=True) * 5 * 38 == kv_cache_bytes(c, 4096) * 30
+    shape = ModelShape.of_config(c)
+    assert kv_cache_bytes(shape, KVLayout.LATENT, 4096) * 5 * 38 == kv_cache_bytes(shape, KVLayout.FULL, 4096) * 30
     result = verify(odd_checkpoint, out)  # runs on the patched llama.cpp (built and cached once)
     assert result.passed and result.file_stats.mean_kl == 0.0
     assert result.stats.mean_kl <= 1e-9 and result.stats.top1 == 1.0, result.stats
@@ -38,17 +40,6 @@ def test_bad_layout_name(tmp_path, odd_checkpoint):
     result = run_cli("convert", odd_checkpoint, "--outfile", tmp_path / "x.gguf", "--kv-cache", "compressed")
     assert result.code == 2 and "--kv-cache 'compressed' is not a layout" in result.stderr
     assert not (tmp_path / "x.gguf").exists()
-
-
-def test_device_memory_check_counts_the_latent_cache(tmp_path, odd_checkpoint):
-    from plm_gguf.devices.checks import kv_cache_bytes as device_kv, read_model
-
-    stock = convert(odd_checkpoint, tmp_path / "stock.gguf", "f32").outfile
-    latent = convert(odd_checkpoint, tmp_path / "latent.gguf", "f32", kv_cache="latent").outfile
-    c = ODD_CONFIG
-    assert device_kv(read_model(stock), 1024) == kv_cache_bytes(c, 1024)
-    assert device_kv(read_model(latent), 1024) == kv_cache_bytes(c, 1024, latent=True)
-    assert read_model(latent).latent and not read_model(stock).latent
 
 
 def test_cli_names_each_kind_of_fallback_once(tmp_path, odd_checkpoint):

@@ -1,5 +1,5 @@
 """Absorbed MLA (the latent KV-cache layout): convert/mla.py, the llama.cpp patch set and the
-patched host library (plm_gguf/llama_lib.py).
+patched host library (plm_gguf/llama/).
 
 The slow tests build the patched library once per cache (minutes the first time; PLM_GGUF_CACHE
 points at the cache) and run llama.cpp in child processes only.
@@ -18,14 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from plm_gguf import llama_lib
 from plm_gguf.checkpoint import Checkpoint
 from plm_gguf.convert import mla
 from plm_gguf.convert.verify import compare_logits
 from plm_gguf.convert.writer import convert
 from plm_gguf.errors import LlamaCppError
 from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
-from plm_gguf.llama_worker import run_worker
+from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION, runtime
+from plm_gguf.llama.host import entry_dir
+from plm_gguf.llama.patches import apply_patches, patch_files
+from plm_gguf.llama.runtime import run_worker
+from plm_gguf.llama.worker import parse_kv_cache
 from plm_gguf.reference import PLMForCausalLM
 
 # Odd sizes no code path assumes (5 heads, rope 6, nope 12 != v 20, lora 24).
@@ -79,8 +82,6 @@ def test_metadata_is_deepseek2_style():
     assert meta == {"plm.attention.head_count_kv": 1, "plm.attention.key_length": 576,
                     "plm.attention.value_length": 512, "plm.attention.key_length_mla": 192,
                     "plm.attention.value_length_mla": 128}
-    s = mla.MlaSizes(16, 512, 128, 64, 128)
-    assert s.cache_values_per_token_layer == 576 and s.stock_values_per_token_layer == 16 * 192 + 16 * 128
 
 
 # ---------------------------------------------------------------- files
@@ -129,38 +130,38 @@ def test_patch_that_does_not_apply_names_the_full_layout(tmp_path):
     (tree / "src" / "models").mkdir(parents=True)
     (tree / "src" / "models" / "plm.cpp").write_text("// not the llama.cpp this patch targets\n")
     with pytest.raises(LlamaCppError) as err:
-        llama_lib.apply_patches(tree)
+        apply_patches(tree)
     assert "does not apply" in err.value.message and "--kv-cache full" in err.value.hint
 
 
 def test_build_key_follows_the_patches(tmp_path, monkeypatch):
-    key = llama_lib.build_key()
-    assert key.startswith(f"lcp{llama_lib.LLAMA_CPP_PYTHON_VERSION}-mla-")
-    for patch in llama_lib.patch_files():
+    key = runtime.build_key()
+    assert key.startswith(f"lcp{LLAMA_CPP_PYTHON_VERSION}-mla-")
+    for patch in patch_files():
         shutil.copy(patch, tmp_path / patch.name)
     monkeypatch.setenv("PLM_GGUF_PATCHES", str(tmp_path))
-    assert llama_lib.build_key() == key
+    assert runtime.build_key() == key
     first = sorted(tmp_path.glob("*.patch"))[0]
     first.write_text("An edited commit message.\n" + first.read_text())  # builds the same
-    assert llama_lib.build_key() == key
+    assert runtime.build_key() == key
     first.write_text(first.read_text().replace("// note: MLA", "// note:  MLA", 1))
-    assert llama_lib.build_key() != key
+    assert runtime.build_key() != key
     monkeypatch.setenv("PLM_GGUF_CACHE", str(tmp_path / "cache"))
-    assert llama_lib.entry_dir().parent == tmp_path / "cache" / "llama"
+    assert entry_dir().parent == tmp_path / "cache" / "llama"
 
 
 def test_kv_cache_report_is_parsed():
     line = ("llama_kv_cache: size =  144.00 MiB (  4096 cells,  32 layers,  1/1 seqs), "
             "K (f16):  144.00 MiB, V (f16):    0.00 MiB")
-    assert llama_lib.parse_kv_cache(line) == {"total_mib": 144.0, "k_type": "f16", "k_mib": 144.0,
-                                              "v_type": "f16", "v_mib": 0.0}
+    assert parse_kv_cache(line) == {"total_mib": 144.0, "k_type": "f16", "k_mib": 144.0,
+                                    "v_type": "f16", "v_mib": 0.0}
 
 
 # ---------------------------------------------------------------- llama.cpp (slow)
 
 @pytest.fixture(scope="session")
 def patched_lib() -> Path:
-    return llama_lib.build()
+    return runtime.build()
 
 
 def _logits(model: Path, out: Path, tokens: Path, env: dict | None) -> list[np.ndarray]:
@@ -178,8 +179,8 @@ def reference_logits(files) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_patched_library_is_loaded(patched_lib, files):
-    env = llama_lib.lib_env(lib=patched_lib)
-    report = llama_lib.probe(files["latent"], n_ctx=64, env=env)
+    env = runtime.lib_env(lib=patched_lib)
+    report = runtime.probe(files["latent"], n_ctx=64, env=env)
     assert report["ok"], report
     assert report["lib"] == str(patched_lib)
     assert json.loads((patched_lib.parent / "manifest.json").read_text())["key"] == patched_lib.parent.name
@@ -187,21 +188,21 @@ def test_patched_library_is_loaded(patched_lib, files):
 
 @pytest.mark.slow
 def test_latent_layout_matches_reference(patched_lib, files, reference_logits):
-    env = llama_lib.lib_env(lib=patched_lib)
+    env = runtime.lib_env(lib=patched_lib)
     latent = _logits(files["latent"], files["root"] / "out-latent", files["root"] / "tokens.json", env)
     stats = compare_logits(reference_logits, latent)
     assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
     # greedy decoding (16 tokens after each prompt, f32 cache) gives the stock layout's tokens
     prompts = [s[:8] for s in SEQUENCES]
-    _, greedy_latent = llama_lib.run_logits(files["latent"], prompts, files["root"] / "greedy-latent", env=env, greedy=16)
-    _, greedy_stock = llama_lib.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)
+    _, greedy_latent = runtime.run_logits(files["latent"], prompts, files["root"] / "greedy-latent", env=env, greedy=16)
+    _, greedy_stock = runtime.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)
     assert greedy_latent == greedy_stock
     assert any(len(set(g)) > 1 for g in greedy_latent)  # not a degenerate repetition
 
 
 @pytest.mark.slow
 def test_stock_layout_unchanged_on_patched_library(patched_lib, files, reference_logits):
-    env = llama_lib.lib_env(lib=patched_lib)
+    env = runtime.lib_env(lib=patched_lib)
     patched = _logits(files["stock"], files["root"] / "out-stock-patched2", files["root"] / "tokens.json", env)
     stats = compare_logits(reference_logits, patched)
     assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
@@ -209,16 +210,19 @@ def test_stock_layout_unchanged_on_patched_library(patched_lib, files, reference
 
 @pytest.mark.slow
 def test_kv_cache_holds_latent_only(patched_lib, files):
-    env = llama_lib.lib_env(lib=patched_lib)
+    env = runtime.lib_env(lib=patched_lib)
     n_ctx, n_layer = 256, MLA_CONFIG.num_hidden_layers
-    latent = llama_lib.probe(files["latent"], n_ctx=n_ctx, f32_cache=True, env=env)
-    stock = llama_lib.probe(files["stock"], n_ctx=n_ctx, f32_cache=True, env=env)
+    latent = runtime.probe(files["latent"], n_ctx=n_ctx, f32_cache=True, env=env)
+    stock = runtime.probe(files["stock"], n_ctx=n_ctx, f32_cache=True, env=env)
     assert latent["ok"] and stock["ok"], (latent, stock)
-    mib = lambda values: n_ctx * n_layer * values * 4 / 2**20  # noqa: E731
-    s = SIZES
-    assert math.isclose(latent["kv_cache"]["k_mib"], mib(s.kv_lora_rank + s.qk_rope_head_dim), abs_tol=0.006)
+    from plm_gguf.memory import KVLayout, ModelShape, kv_cache_bytes
+
+    shape = ModelShape.of_config(MLA_CONFIG)  # the one KV-cache size (plm_gguf.memory), against llama.cpp's
+    mib = lambda layout: kv_cache_bytes(shape, layout, n_ctx, bytes_per_value=4) / 2**20  # noqa: E731
+    assert mib(KVLayout.LATENT) == n_ctx * n_layer * (SIZES.kv_lora_rank + SIZES.qk_rope_head_dim) * 4 / 2**20
+    assert math.isclose(latent["kv_cache"]["k_mib"], mib(KVLayout.LATENT), abs_tol=0.006)
     assert latent["kv_cache"]["v_mib"] == 0.0
-    assert math.isclose(stock["kv_cache"]["total_mib"], mib(s.stock_values_per_token_layer), abs_tol=0.006)
+    assert math.isclose(stock["kv_cache"]["total_mib"], mib(KVLayout.FULL), abs_tol=0.006)
     print(f"KV cache at n_ctx {n_ctx}, f32: latent {latent['kv_cache']['total_mib']} MiB, "
           f"stock {stock['kv_cache']['total_mib']} MiB")
 
@@ -237,10 +241,10 @@ def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path
     ref = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
     with torch.no_grad():
         reference = [ref(torch.tensor(s)).numpy() for s in SEQUENCES]
-    env = llama_lib.lib_env(lib=patched_lib)
-    f16_fa, _ = llama_lib.run_logits(latent, SEQUENCES, tmp_path / "fa", env=env, cache_type=1, flash_attn=True)
+    env = runtime.lib_env(lib=patched_lib)
+    f16_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "fa", env=env, cache_type=1, flash_attn=True)
     assert compare_logits(reference, f16_fa).mean_kl <= 1e-5
-    q8_fa, _ = llama_lib.run_logits(latent, SEQUENCES, tmp_path / "q8", env=env, cache_type=8, flash_attn=True)
+    q8_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "q8", env=env, cache_type=8, flash_attn=True)
     stats = compare_logits(reference, q8_fa)
     assert stats.mean_kl <= 5e-3 and stats.top1 >= 0.95, stats
     print(f"latent layout, flash attention: f16 cache mean KL {compare_logits(reference, f16_fa).mean_kl:.2e}, "
@@ -255,7 +259,7 @@ def test_patched_flash_attention_kernels_match_ggml_reference(patched_lib):
     kernels with ggml's reference implementation: every MLA case (K 576 / V 512, V a view of K),
     every one-query (decode) case, where the grouped-query path runs, and the f16 prefill cases
     of the tiled path."""
-    passed, n_run, out = llama_lib.run_op_test("FLASH_ATTN_EXT", r"hsk=576|nb=1,|nb=75,.*type_K=f16")
+    passed, n_run, out = runtime.run_op_test("FLASH_ATTN_EXT", r"hsk=576|nb=1,|nb=75,.*type_K=f16")
     assert passed and n_run > 1500, out[-3000:]
 
 
@@ -285,9 +289,9 @@ def test_flash_attention_decode_over_a_long_cache_matches_reference(patched_lib,
         replace(MLA_CONFIG, max_position_embeddings=1024)
     n_gen = 12
     latent, prompt, reference = _decode_case(tmp_path, config, seed=20 + cache_type, n_gen=n_gen)
-    env = llama_lib.lib_env(lib=patched_lib)
+    env = runtime.lib_env(lib=patched_lib)
     out = tmp_path / "fa"
-    _, greedy = llama_lib.run_logits(latent, [prompt], out, env=env, cache_type=cache_type, flash_attn=True,
+    _, greedy = runtime.run_logits(latent, [prompt], out, env=env, cache_type=cache_type, flash_attn=True,
                                      greedy=n_gen)
     all_logits = np.load(out / "all_logits_0.npy")
     assert all_logits.shape[0] == len(prompt) + n_gen

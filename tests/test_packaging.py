@@ -27,15 +27,15 @@ def test_wheel_carries_the_data_and_finds_the_patches(tmp_path):
                 assert f"{installed}/{file.relative_to(ROOT / source).as_posix()}" in names, file
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
-    probe = ("from plm_gguf import llama_lib; print(llama_lib.__file__); "
-             "print(*[p.as_posix() for p in llama_lib.patch_files()]); print(llama_lib.build_key())")
+    probe = ("from plm_gguf.llama import patches, runtime; print(runtime.__file__); "
+             "print(*[p.as_posix() for p in patches.patch_files()]); print(runtime.build_key())")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(unpacked), "PATH": ""},
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith(str(unpacked))
     assert out[1].startswith(f"{unpacked}/plm_gguf/patches/llama.cpp/") and out[1].endswith(".patch")
-    from plm_gguf import llama_lib
+    from plm_gguf.llama import runtime
 
-    assert out[2] == llama_lib.build_key()  # the same patched library as the source tree's
+    assert out[2] == runtime.build_key()  # the same patched library as the source tree's
 
 
 @pytest.mark.parametrize(("command", "shown"), [

@@ -13,7 +13,7 @@ import torch
 
 from plm_gguf.checkpoint import Checkpoint
 from plm_gguf.fixtures.checkpoint import tiny_config
-from plm_gguf.quant_eval import train as tr
+from plm_gguf.fixtures import train as tr
 from plm_gguf.reference import PLMForCausalLM
 
 FIXTURE = Path(__file__).parent / "data" / "trained-plm"

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from filelock import FileLock
+
 from plm_gguf.errors import LlamaCppError
 
 Log = Callable[[str], None]
@@ -140,8 +142,6 @@ def cmake_build(tree: Path, build_dir: Path, configure_args: list[str], targets:
 def cached_entry(entry: Path, complete: Callable[[Path], bool]) -> Iterator[Path | None]:
     """Yield None when `entry` is complete; else a fresh staging folder that becomes the entry
     when the block ends without an error. One build per entry at a time (a file lock)."""
-    from filelock import FileLock
-
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
         if complete(entry):

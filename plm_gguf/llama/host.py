@@ -37,6 +37,7 @@ from pathlib import Path
 
 from plm_gguf.cache import cache_dir, sha256_file
 from plm_gguf.errors import LlamaCppError
+from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
 from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION, isa
 from plm_gguf.llama.build import BuildProgress, Log, cached_entry, cmake_build
 from plm_gguf.llama.patches import apply_patches, hash_patches, patch_files, source_dir
@@ -213,8 +214,6 @@ def self_check(bin_dir: Path, types: tuple[str, ...] = SELF_CHECK_TYPES, threads
     """Quantize a tiny PLM to each type with the build's llama-quantize and run a prompt plus a
     few decoded tokens with its llama-completion: {type: "ok" | "SIGILL" | ...}. A non-zero exit
     that is not a signal is a broken build, not a CPU problem: raised."""
-    from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
-
     threads = threads or min(4, os.cpu_count() or 1)
     results: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="plm-gguf-selfcheck-") as tmp:

@@ -17,7 +17,7 @@ ran them. So the host build names its extensions explicitly (`-DGGML_NATIVE=OFF`
    and AMX speeds up only prompt processing of quantized types on Xeons, so it is opt-in
    (PLM_GGUF_HOST_ISA=sapphirerapids).
 
-After the build, a self-check runs every weight type (llama_lib); a type that dies there makes
+After the build, a self-check runs every weight type (plm_gguf.llama.host); a type that dies there makes
 the build fall back to the next lower level (`fallback`). PLM_GGUF_HOST_ISA names a level to
 use instead of choosing (`plm-gguf` prints the levels in its error when the name is unknown).
 

@@ -10,6 +10,7 @@ from plm_gguf.devices import checks
 from plm_gguf.devices.deploy import preflight, suggest_profiles, target_manifest
 from plm_gguf.devices.profiles import load_profile
 from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.memory import KVLayout, compute_bytes, kv_cache_bytes
 
 from .recorded import recorded_facts
 
@@ -22,7 +23,7 @@ PLM_1_8B_Q4KM = checks.ModelInfo(path=Path("plm-1.8b-q4_k_m.gguf"), size=1_182_7
 
 def test_kv_cache_is_full_per_head_k_and_v():
     # 32 layers x 4096 tokens x (16*192 K + 16*128 V) x 2 bytes = 768 MiB + 512 MiB, as measured.
-    assert checks.kv_cache_bytes(PLM_1_8B_Q4KM, 4096) == 1280 * MIB
+    assert kv_cache_bytes(PLM_1_8B_Q4KM.shape, KVLayout.FULL, 4096) == 1280 * MIB
 
 
 def test_memory_refusal_names_the_numbers_and_a_context_that_fits():
@@ -104,7 +105,7 @@ PLM_1_8B_Q4KM_MLA = checks.ModelInfo(**{**PLM_1_8B_Q4KM.__dict__, "kv_lora_rank"
 def test_latent_layout_caches_576_values_per_token_and_layer():
     latent = PLM_1_8B_Q4KM_MLA.as_latent()
     assert latent.latent and latent.as_latent() is None
-    assert checks.kv_cache_bytes(latent, 4096) == 144 * MIB  # 32 x 4096 x (512 + 64) x 2 bytes
+    assert kv_cache_bytes(latent.shape, latent.layout, 4096) == 144 * MIB  # 32 x 4096 x (512 + 64) x 2 bytes
     assert PLM_1_8B_Q4KM.as_latent() is None  # no MLA metadata: nothing to offer
 
 
@@ -157,5 +158,5 @@ def test_flash_attention_keeps_no_score_matrix_in_the_compute_buffer():
     latent = PLM_1_8B_Q4KM_MLA.as_latent()
     scores = 4096 * checks.UBATCH * 16 * 4  # KQ [ctx, ubatch, n_head] in f32: 128 MiB at ctx 4096
     assert scores == 128 * MIB
-    assert checks.compute_bytes(latent, 4096) - checks.compute_bytes(latent, 4096, flash_attn=True) == scores
-    assert checks.compute_bytes(latent, 512, flash_attn=True) == checks.compute_bytes(latent, 4096, flash_attn=True)
+    assert compute_bytes(latent.shape, latent.layout, 4096) - compute_bytes(latent.shape, latent.layout, 4096, flash_attn=True) == scores
+    assert compute_bytes(latent.shape, latent.layout, 512, flash_attn=True) == compute_bytes(latent.shape, latent.layout, 4096, flash_attn=True)

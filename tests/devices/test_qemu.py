@@ -103,11 +103,11 @@ def _complete_under_qemu(build, model) -> bytes:
 
 
 def test_aarch64_build_carries_the_mla_patch(aarch64_build):
-    from plm_gguf import llama_lib
+    from plm_gguf.llama import patches
 
     assert aarch64_build.key.startswith("lcp") and "-mla-" in aarch64_build.key
     assert aarch64_build.manifest["latent_kv"] is True
-    assert set(aarch64_build.manifest["patches"]) == {p.name for p in llama_lib.patch_files()}
+    assert set(aarch64_build.manifest["patches"]) == {p.name for p in patches.patch_files()}
 
 
 def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair):
@@ -125,6 +125,7 @@ def test_deploy_a_latent_file_to_the_emulated_pi(aarch64_build, mla_pair, profil
     stock-layout file, it refuses before building or sending anything."""
     from plm_gguf.devices import checks
     from plm_gguf.errors import DeviceError
+    from plm_gguf.memory import KVLayout, kv_cache_bytes
 
     stock, latent, _ = mla_pair
     write_profile(profile_dir, "pi5-emulated",
@@ -135,7 +136,7 @@ def test_deploy_a_latent_file_to_the_emulated_pi(aarch64_build, mla_pair, profil
     assert result.smoke_output.startswith("The capital of France is")
     # 4 layers x 256 tokens x (latent 256 + rope 16) x 2 bytes, against full K and V: 4 x 256 x 4 x (64 + 64) x 2
     assert result.memory.kv_cache == 4 * 256 * (256 + 16) * 2 == 557_056
-    assert checks.kv_cache_bytes(checks.read_model(stock), 256) == 4 * 256 * 4 * (64 + 64) * 2
+    assert kv_cache_bytes(checks.read_model(stock).shape, KVLayout.FULL, 256) == 4 * 256 * 4 * (64 + 64) * 2
     # auto: flash attention on for the latent layout, in the smoke test and in llama-bench
     assert result.memory.flash_attn and result.bench.gen_tps > 0
     assert all(r["flash_attn"] in (True, 1) for r in result.bench.raw)

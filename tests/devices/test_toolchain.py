@@ -28,7 +28,7 @@ def test_zig_cpu_flags_match_the_features_the_profile_declares(name):
 
 
 def test_build_key_names_and_hashes_the_patch_set(tmp_path, monkeypatch):
-    from plm_gguf import llama_lib
+    from plm_gguf.llama import patches
     from plm_gguf.devices import toolchain
 
     profile, src = load_profile("rpi5"), tmp_path / "src"
@@ -37,7 +37,7 @@ def test_build_key_names_and_hashes_the_patch_set(tmp_path, monkeypatch):
     assert patched.startswith("lcpX-mla-aarch64-linux-musl-") and stock.startswith("lcpX-aarch64-linux-musl-")
     copy = tmp_path / "patches"
     copy.mkdir()
-    for file in llama_lib.patch_files():
+    for file in patches.patch_files():
         (copy / file.name).write_bytes(file.read_bytes())
     monkeypatch.setenv("PLM_GGUF_PATCHES", str(copy))
     assert toolchain.build_key(profile, src, "lcpX") == patched
@@ -64,3 +64,95 @@ def test_a_patch_that_does_not_apply_is_refused_before_compiling(tmp_path, monke
     builds = tmp_path / "cache" / "builds"
     assert [p.name for p in builds.iterdir() if not p.name.endswith(".lock")] == []
     assert (src / "src" / "models" / "plm.cpp").read_text().startswith("// a llama.cpp")  # source untouched
+
+
+# The build keys computed before the toolchains became classes: a changed key orphans every cached build.
+FIXED_PATCH = "diff --git a/x b/x\n+fixed\n"
+KEYS_BEFORE_TOOLCHAIN_CLASSES = {  # build_key(profile, Path('/src'), 'lcp0.3.16', glibc, mla) with FIXED_PATCH
+    ('android', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-cortex_a55-b6767bbc',
+    ('android', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-cortex_a55-3236b388',
+    ('android', False, ''): 'lcp0.3.16-aarch64-linux-musl-cortex_a55-c0b739d2',
+    ('android', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-cortex_a55-efeb62bc',
+    ('android-i8mm', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-cortex_a76_i8mm_bf16-cdc33ced',
+    ('android-i8mm', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-cortex_a76_i8mm_bf16-cdae11a4',
+    ('android-i8mm', False, ''): 'lcp0.3.16-aarch64-linux-musl-cortex_a76_i8mm_bf16-f378eab2',
+    ('android-i8mm', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-cortex_a76_i8mm_bf16-f0c44e15',
+    ('linux-aarch64', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-generic-d87a8295',
+    ('linux-aarch64', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-generic-8450d198',
+    ('linux-aarch64', False, ''): 'lcp0.3.16-aarch64-linux-musl-generic-606006ec',
+    ('linux-aarch64', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-generic-753589cd',
+    ('rpi-zero2w', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-cortex_a53-494103bd',
+    ('rpi-zero2w', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-cortex_a53-f7816c7e',
+    ('rpi-zero2w', False, ''): 'lcp0.3.16-aarch64-linux-musl-cortex_a53-14655ed7',
+    ('rpi-zero2w', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-cortex_a53-85409c9b',
+    ('rpi4', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-cortex_a72-93d1a45c',
+    ('rpi4', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-cortex_a72-76bf41aa',
+    ('rpi4', False, ''): 'lcp0.3.16-aarch64-linux-musl-cortex_a72-039ae2e9',
+    ('rpi4', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-cortex_a72-4f031431',
+    ('rpi5', True, ''): 'lcp0.3.16-mla-aarch64-linux-musl-cortex_a76-94c41d12',
+    ('rpi5', True, '2.36'): 'lcp0.3.16-mla-aarch64-linux-gnu.2.36-cortex_a76-ebe87d70',
+    ('rpi5', False, ''): 'lcp0.3.16-aarch64-linux-musl-cortex_a76-c266f90e',
+    ('rpi5', False, '2.36'): 'lcp0.3.16-aarch64-linux-gnu.2.36-cortex_a76-7743363d',
+}
+NDK_KEYS_BEFORE = {  # android-i8mm with ANDROID_NDK_HOME=ndk (relative: the path is part of the recipe)
+    (True, ''): 'lcp0.3.16-mla-android-ndk-arm64-ed1bcd0e',
+    (True, '2.36'): 'lcp0.3.16-mla-android-ndk-arm64-1bc0b2f0',
+    (False, ''): 'lcp0.3.16-android-ndk-arm64-236a7e22',
+    (False, '2.36'): 'lcp0.3.16-android-ndk-arm64-3d08a549',
+}
+
+
+def _fixed_patches(tmp_path, monkeypatch):
+    folder = tmp_path / "fixed-patches"
+    folder.mkdir()
+    (folder / "0001-fixed.patch").write_text(FIXED_PATCH)
+    monkeypatch.setenv("PLM_GGUF_PATCHES", str(folder))
+
+
+def test_build_keys_are_the_ones_before_the_toolchain_classes(tmp_path, monkeypatch):
+    """Existing cache entries stay valid: zig and ndk keys byte-identical to the keys computed
+    before Toolchain existed; native keys are the host build's."""
+    from pathlib import Path
+
+    from plm_gguf.devices import toolchain
+    from plm_gguf.llama.host import host_key
+
+    _fixed_patches(tmp_path, monkeypatch)
+    monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
+    for (name, mla, glibc), key in KEYS_BEFORE_TOOLCHAIN_CLASSES.items():
+        assert toolchain.build_key(load_profile(name), Path("/src"), "lcp0.3.16", glibc, mla) == key, (name, mla, glibc)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ndk" / "build" / "cmake").mkdir(parents=True)
+    (tmp_path / "ndk" / "build" / "cmake" / "android.toolchain.cmake").write_text("")
+    monkeypatch.setenv("ANDROID_NDK_HOME", "ndk")
+    profile = load_profile("android-i8mm")
+    assert isinstance(toolchain.toolchain_for(profile), toolchain.NdkToolchain)
+    for (mla, glibc), key in NDK_KEYS_BEFORE.items():
+        assert toolchain.build_key(profile, Path("/src"), "lcp0.3.16", glibc, mla) == key, (mla, glibc)
+    host = load_profile("host")
+    for mla in (True, False):
+        assert toolchain.build_key(host, Path("/src"), "lcp0.3.16", mla_patch=mla) == host_key(None, mla)
+
+
+def test_toolchains_are_chosen_by_the_profile(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from plm_gguf.devices import toolchain
+    from plm_gguf.errors import DeviceError
+
+    monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
+    assert set(toolchain.TOOLCHAINS) == {"zig", "ndk", "native"}
+    assert all(isinstance(t, toolchain.Toolchain) and t.name == n for n, t in toolchain.TOOLCHAINS.items())
+    assert isinstance(toolchain.toolchain_for(load_profile("rpi5")), toolchain.ZigToolchain)
+    assert isinstance(toolchain.toolchain_for(load_profile("host")), toolchain.NativeToolchain)
+    odd = replace(load_profile("rpi5"), target=replace(load_profile("rpi5").target, toolchain="cuda"))
+    with pytest.raises(DeviceError, match="toolchain 'cuda'") as err:
+        toolchain.build_key(odd, tmp_path, "lcpX")
+    assert "zig, ndk, native" in err.value.hint
+    with pytest.raises(DeviceError, match="toolchain 'cuda'"):
+        toolchain.build(odd, tmp_path)
+    rpi5 = toolchain.target_manifest(load_profile("rpi5"), "2.36")
+    assert (rpi5["toolchain"], rpi5["arch"], rpi5["glibc"], rpi5["max_page_size"]) == ("zig", "aarch64", "2.36", 16384)
+    assert toolchain.target_manifest(load_profile("host"))["toolchain"] == "native"
+    assert toolchain.TOOLCHAINS["zig"].kernels({"uses": ["fp", "asimddp", "i8mm"]}) == ["i8mm", "asimddp"]
+    assert toolchain.TOOLCHAINS["native"].kernels({"isa": "x86-64-v3"}) == ["x86-64-v3 (self-checked)"]

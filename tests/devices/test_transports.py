@@ -72,3 +72,49 @@ def test_ssh_refuses_an_unknown_host_key(sshd, profile_dir, tmp_path):
 def test_local_timeout():
     with pytest.raises(DeviceError, match="timed out"):
         LocalTransport().run("sleep 5", timeout=0.5)
+
+
+def test_every_transport_is_one_interface(tmp_path, monkeypatch):
+    """Capabilities are methods of Transport: resumable uploads and the server's port forward."""
+    from plm_gguf.devices.profiles import TransportSpec
+    from plm_gguf.devices.transports import AdbTransport, SshTransport, Transport
+
+    monkeypatch.chdir(tmp_path)
+    ssh = SshTransport(TransportSpec(kind="ssh", host="pi.local", user="pi", port=2222))
+    adb = AdbTransport(TransportSpec(kind="adb"))
+    local = LocalTransport()
+    assert all(isinstance(t, Transport) for t in (local, ssh, adb))
+    assert (local.can_append, ssh.can_append, adb.can_append) == (True, True, False)
+    with pytest.raises(DeviceError, match="cannot resume"):
+        adb.append(tmp_path / "x", "/data/local/tmp/x", 1)
+    assert local.forward(8081, 8080) == "none needed (local)"
+    hint = ssh.forward(8081, 8080)  # nothing set up: the command to run
+    assert "-L 8081:127.0.0.1:8080" in hint and hint.endswith("pi@pi.local") and "-p 2222" in hint
+    local.unforward(8081)
+    ssh.unforward(8081)
+    src, remote = tmp_path / "src.bin", tmp_path / "remote.bin"
+    src.write_bytes(b"0123456789")
+    remote.write_bytes(b"0123")
+    local.append(src, str(remote), 4)
+    assert remote.read_bytes() == src.read_bytes()
+    with pytest.raises(TypeError):
+        type("Half", (Transport,), {"run": lambda self, script, **kw: None})()  # put, get, describe missing
+
+
+def test_nothing_above_the_transports_asks_which_one_it_is():
+    """runner, deploy and facts use the Transport interface only: no isinstance/hasattr on a transport
+    and no transport class imported."""
+    import ast
+    from pathlib import Path
+
+    from plm_gguf import devices
+
+    classes = {"LocalTransport", "SshTransport", "AdbTransport"}
+    for module in ("runner.py", "deploy.py", "facts.py", "checks.py", "cli.py"):
+        tree = ast.parse((Path(devices.__file__).parent / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not classes & {a.name for a in node.names}, module
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("isinstance", "hasattr") and node.args):
+                assert "transport" not in ast.unparse(node.args[0]).lower(), (module, ast.unparse(node))

@@ -19,7 +19,7 @@ def quantize_file(src: Path, dst: Path, outtype: str, *, threads: int | None = N
                   overrides: dict[str, int] | None = None, imatrix: Path | None = None) -> None:
     """Quantize `src` into `dst` as llama.cpp file type `outtype` (q4_k_m, iq4_nl, ...).
     `overrides` maps tensor-name regexes to ggml types; `imatrix` is an .npz of importances."""
-    from plm_gguf.convert.writer import llama_file_types
+    from plm_gguf.qtypes import llama_file_types
 
     ftype = int(llama_file_types()[outtype])
     args = ["quantize", str(src), str(dst), str(ftype), "--threads", str(threads or os.cpu_count() or 1)]

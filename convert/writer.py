@@ -26,36 +26,10 @@ from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
 from plm_gguf.errors import CheckpointError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.memory import KVLayout, parse_layout
-from plm_gguf.outputs import check_target, claimed, partial_path  # check_target, partial_path: also quant_eval.single
+from plm_gguf.outputs import check_target, claimed, partial_path
+from plm_gguf.qtypes import DIRECT_TYPES, NEEDS_IMATRIX, bf16_to_f32, parse_outtype
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
-
-# Types written directly by this module: file type -> tensor type of the weight matrices.
-DIRECT_TYPES = {"f32": (FT.ALL_F32, QT.F32), "f16": (FT.MOSTLY_F16, QT.F16),
-                "bf16": (FT.MOSTLY_BF16, QT.BF16), "q8_0": (FT.MOSTLY_Q8_0, QT.Q8_0)}
-# Types that llama.cpp refuses to make without an importance matrix.
-NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "q2_k_s"}
-_NOT_FILE_TYPES = {"guessed", "mxfp4_moe", "tq1_0", "tq2_0", "nvfp4", "q1_0"}
-
-
-def llama_file_types() -> dict[str, FT]:
-    """Every llama.cpp file type a user can ask for, by its lower-case name (q4_k_m, iq4_nl, ...)."""
-    names = {ft.name.lower().removeprefix("mostly_").removeprefix("all_"): ft for ft in FT}
-    return {n: ft for n, ft in names.items() if n not in _NOT_FILE_TYPES}
-
-
-def parse_outtype(outtype: str, source_dtype: str | None = None) -> str:
-    """Normalise a user's --outtype; `auto` keeps 16-bit sources as they are (f32 -> f16, as llama.cpp)."""
-    name = outtype.lower().replace("-", "_")
-    if name == "auto":
-        if source_dtype is None:
-            return "auto"
-        return "bf16" if source_dtype == "BF16" else "f16"
-    if name not in llama_file_types():
-        raise UsageError(f"unknown output type {outtype!r}",
-                         f"choose auto or one of {', '.join(sorted(llama_file_types()))}")
-    return name
-
 
 @dataclass
 class TensorPlan:
@@ -222,7 +196,7 @@ def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, 
     if plan.qtype == QT.BF16 and dtype == "BF16":
         bad = int(((raw & 0x7F80) == 0x7F80).sum())  # exponent all ones: Inf or NaN
         return raw, bad
-    values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32, copy=False)
+    values = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32, copy=False)
     bad = int(values.size - np.isfinite(values).sum())
     if plan.qtype == QT.F32:
         return np.ascontiguousarray(values, dtype=np.float32), bad

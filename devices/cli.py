@@ -29,7 +29,7 @@ def _profile(device: str, profile_file: Optional[Path], address: str = "", exec_
     return resolve_profile(device, str(profile_file) if profile_file else None, address, exec_wrapper)
 
 
-def _progress(event: str, detail: str) -> None:
+def progress(event: str, detail: str) -> None:
     console.print(f"[dim]{event:>6}[/] {escape(str(detail))}")
 
 
@@ -99,7 +99,7 @@ def cmd_build(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, llam
     from .toolchain import build
 
     b = build(_profile(device, profile_file), llama_cpp, glibc=glibc, jobs=jobs, mla_patch=mla_patch,
-              log=lambda s: _progress("build", s))
+              log=lambda s: progress("build", s))
     console.print(f"[green]built[/] {b.key} in {b.manifest['seconds']} s  ->  {b.path / 'bin'}")
     patches = b.manifest.get("patches") or {}
     console.print(f"  patches: {escape(', '.join(patches)) if patches else 'none (stock llama.cpp: --kv-cache full files only)'}")
@@ -127,7 +127,12 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
 
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
                bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
-               mla_patch=mla_patch, flash_attn=flash_attn, progress=_progress)
+               mla_patch=mla_patch, flash_attn=flash_attn, progress=progress)
+    print_deploy(r)
+
+
+def print_deploy(r) -> None:
+    """What a deploy did, as `plm-gguf deploy` prints it (the demo prints it too)."""
     for warning in r.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"[green]deployed[/] to {escape(r.device)}:{escape(r.install_dir)}  (ctx {r.ctx}, {r.threads} threads, "

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from plm_gguf.errors import CheckpointError
+from plm_gguf.qtypes import bf16_to_f32
 from plm_gguf.schema import TIED_OUTPUT, PLMConfig, TensorSpec, tensor_table
 
 # Storage dtypes we accept, by their safetensors names.
@@ -37,11 +38,6 @@ _HUB_PATTERNS = [
     "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "vocab.json",
     "merges.txt", "special_tokens_map.json", "README.md", "LICENSE*",
 ]
-
-
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) to float32, exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 @dataclass

@@ -36,9 +36,14 @@ def demo(
     deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Build llama.cpp for this machine and bench it."),
 ) -> None:
     """The whole pipeline on a small PLM built here: convert, verify, sweep, deploy to this machine."""
+    # the stages, imported here so that `plm-gguf --help` (which registers this command) stays fast
     from plm_gguf.convert.verify import verify
     from plm_gguf.convert.writer import convert
+    from plm_gguf.devices import cli as devices_cli
+    from plm_gguf.devices.deploy import deploy as deploy_model
     from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
+    from plm_gguf.quant_eval.cli import sweep_and_print
+    from plm_gguf.quant_eval.sweep import default_corpus
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = workdir / "PLM-demo-checkpoint"
@@ -76,17 +81,13 @@ def demo(
     else:  # an installed wheel carries no test data
         console.rule("3. quantization sweep (random weights: KL says little; budget: this machine's memory)")
         sweep_source = files["f32"]
-    _command("quantize", sweep_source, "--sweep", "--types", "q8_0,q6_k,q4_k_m,q4_0", "--ctx", "256",
-             "--device", "host", "--out", workdir / "sweep", "--force")  # the demo owns its folder
+    sweep_and_print(sweep_source, types="q8_0,q6_k,q4_k_m,q4_0", corpus=default_corpus(), corpus_name="built-in corpus",
+                    ctx=256, device=("host", None, ""), out=workdir / "sweep",
+                    replace=True)  # the demo owns its folder
     if deploy:
-        console.rule("4. deploy to this machine (host profile) and benchmark")
-        _command("deploy", files["q4_k_m"], "--device", "host", "--ctx", "512", "--bench")
-        console.rule("5. the same model in the absorbed-MLA layout: latent KV cache, flash attention")
-        _command("deploy", files["q4_k_m-latent"], "--device", "host", "--ctx", "512", "--bench")
-
-
-def _command(*args) -> None:
-    """Run another plm-gguf command in this process, as a user would type it."""
-    from plm_gguf.cli import app
-
-    app(args=[str(a) for a in args], standalone_mode=False)
+        for rule, name in (("4. deploy to this machine (host profile) and benchmark", "q4_k_m"),
+                           ("5. the same model in the absorbed-MLA layout: latent KV cache, flash attention",
+                            "q4_k_m-latent")):
+            console.rule(rule)
+            result = deploy_model(files[name], profile_name="host", ctx=512, bench=True, progress=devices_cli.progress)
+            devices_cli.print_deploy(result)

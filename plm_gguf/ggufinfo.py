@@ -19,6 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
+from plm_gguf.qtypes import bf16_to_f32
+
 _SCALARS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
             VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
 
@@ -82,7 +84,7 @@ class GGUFInfo:
         elif t.qtype == QT.F16:
             out = raw.view(np.float16).astype(np.float32)
         elif t.qtype == QT.BF16:
-            out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            out = bf16_to_f32(raw.view(np.uint16))
         else:
             out = gguf.quants.dequantize(np.asarray(raw), t.qtype)
         return out.reshape(t.shape)

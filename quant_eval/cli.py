@@ -61,8 +61,9 @@ def quantize(
         console.print(f"[green]wrote[/] {result['outfile']} ({type_}, {result['file_bytes'] / 2**20:,.1f} MiB, "
                       f"{result['bpw']:.2f} bits/weight{', with an importance matrix' if result['imatrix'] else ''})")
         return
-    _sweep(source, types, recipes, corpus, corpus_name, ctx, budget_mb, (device, profile_file, address), out, threads,
-           layout, force)
+    sweep_and_print(source, types=types, recipes_file=recipes, corpus=corpus, corpus_name=corpus_name, ctx=ctx,
+                    budget_mb=budget_mb, device=(device, profile_file, address), out=out, threads=threads,
+                    kv_cache=layout, replace=force)
 
 
 _SWEEP_ONLY = ("--types", "--recipes", "--budget-mb", "--device", "--profile", "--address", "--out")
@@ -121,8 +122,12 @@ def _device_target(name: str | None, profile_file: Path | None = None, address: 
                                f"{profile.headroom_mib} MiB headroom")
 
 
-def _sweep(source, types, recipes_file, corpus, corpus_name, ctx, budget_mb, device, out, threads, kv_cache,
-           replace) -> None:
+def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | None = None, corpus: str,
+                    corpus_name: str, ctx: int = 512, budget_mb: float | None = None,
+                    device: tuple = (None, None, ""), out: Path | None = None, threads: int = os.cpu_count() or 1,
+                    kv_cache=None, replace: bool = False) -> None:
+    """`quantize --sweep` after parsing: run the sweep, print its progress, table and recommendation
+    (the demo calls this too). device: (profile name, profile file, address) or Nones."""
     from plm_gguf.quant_eval import report as rep
     from plm_gguf.quant_eval.recipes import load_recipes, stock_recipes
     from plm_gguf.quant_eval.sweep import INPUT_NAMES, SweepOptions, check_sweep, run_sweep

@@ -60,7 +60,7 @@ def check_name(name: str, source: str, error: type[PlmGgufError] = UsageError) -
 def _validate(recipe: Recipe, source: str, error: type[PlmGgufError]) -> Recipe:
     """RECIPE, refused with ERROR (InputError for a file's recipe, UsageError for --types) unless
     its name, types and patterns are ones llama.cpp and the sweep folder take."""
-    from plm_gguf.convert.writer import DIRECT_TYPES, llama_file_types
+    from plm_gguf.qtypes import DIRECT_TYPES, llama_file_types
 
     check_name(recipe.name, source, error)
     if recipe.base not in llama_file_types() or recipe.base in ("f32", "f16", "bf16"):

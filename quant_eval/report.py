@@ -7,7 +7,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from plm_gguf.quant_eval.sweep import pareto_front
 
 CSV_COLUMNS = ("recipe", "status", "base", "imatrix", "bpw", "file_bytes", "kl_mean", "kl_median", "kl_p99", "kl_max",
                "top1", "ppl", "ppl_ratio", "kv_mib", "kv_mib_expected", "compute_mib", "memory_mib", "peak_rss_bytes",
@@ -88,3 +87,14 @@ def table(report: dict, width: int = 200) -> Table:
                  "imat": "yes" if r["imatrix"] else ""}
         t.add_row(*(cells[c] for c in cols))
     return t
+
+
+def pareto_front(rows: list[dict]) -> list[str]:
+    """Recipes no other recipe beats on both file size and mean KL."""
+    ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: (r["file_bytes"], r["kl_mean"]))
+    front, best = [], float("inf")
+    for r in ok:
+        if r["kl_mean"] < best:
+            front.append(r["recipe"])
+            best = r["kl_mean"]
+    return front

@@ -612,14 +612,3 @@ def mixes_vs_stock(rows: list[dict]) -> list[dict]:
         out.append({**brief(mix), "stock_base": brief(base), "same_size_stock": brief(larger),
                     "beats_same_size_stock": None if larger is None else mix["kl_mean"] < larger["kl_mean"]})
     return out
-
-
-def pareto_front(rows: list[dict]) -> list[str]:
-    """Recipes no other recipe beats on both file size and mean KL."""
-    ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: (r["file_bytes"], r["kl_mean"]))
-    front, best = [], float("inf")
-    for r in ok:
-        if r["kl_mean"] < best:
-            front.append(r["recipe"])
-            best = r["kl_mean"]
-    return front

@@ -11,7 +11,8 @@ import pytest
 
 from plm_gguf.errors import InputError
 from plm_gguf.quant_eval.recipes import Recipe, load_recipes, stock_recipes
-from plm_gguf.quant_eval.sweep import SweepOptions, _score, pareto_front, recommend, run_sweep
+from plm_gguf.quant_eval.report import pareto_front
+from plm_gguf.quant_eval.sweep import SweepOptions, _score, recommend, run_sweep
 
 from .conftest import assert_clean_error, run_cli
 

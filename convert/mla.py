@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from plm_gguf.latent import ARCH, K_B, KV_B, V_B, MlaSizes, merge_kv_b, mla_metadata, split_kv_b  # noqa: F401
+from plm_gguf.schema import config_from_gguf
 
 # What llama.cpp (unpatched) prints when it is given a latent-layout file.
 STOCK_REFUSAL = "tensor 'blk.0.attn_q.weight' has wrong shape"
@@ -57,25 +58,6 @@ def is_latent(path: str | os.PathLike[str]) -> bool:
     from plm_gguf.memory import KVLayout, layout_of
 
     return layout_of(path) is KVLayout.LATENT
-
-
-def sizes_from_gguf(reader) -> MlaSizes:
-    """MlaSizes from a stock-layout PLM GGUF's keys."""
-    f = reader.fields
-
-    def get(key: str) -> int:
-        if f"{ARCH}.{key}" not in f:
-            raise ValueError(f"the GGUF lacks {ARCH}.{key}")
-        return int(f[f"{ARCH}.{key}"].contents())
-
-    from plm_gguf.memory import KVLayout, layout_of
-
-    if layout_of(reader) is KVLayout.LATENT:
-        raise ValueError("the GGUF is already in the latent (absorbed MLA) layout")
-    rope = get("rope.dimension_count")
-    return MlaSizes(n_head=get("attention.head_count"), kv_lora_rank=get("attention.kv_lora_rank"),
-                    qk_nope_head_dim=get("attention.key_length") - rope, qk_rope_head_dim=rope,
-                    v_head_dim=get("attention.value_length"))
 
 
 def _element_view(t) -> np.ndarray:
@@ -103,7 +85,9 @@ def rewrite_to_latent(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
     arch = reader.fields["general.architecture"].contents()
     if arch != ARCH:
         raise ValueError(f"{src} is a {arch!r} GGUF, not {ARCH!r}")
-    sizes = sizes_from_gguf(reader)
+    if is_latent(src):
+        raise ValueError("the GGUF is already in the latent (absorbed MLA) layout")
+    sizes = MlaSizes.from_config(config_from_gguf(src))  # the one GGUF -> sizes reading, every key checked
     overrides = mla_metadata(sizes)
 
     partial = dst.with_name(dst.name + ".partial")

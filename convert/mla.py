@@ -34,9 +34,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from plm_gguf.latent import ARCH, K_B, KV_B, V_B, MlaSizes, merge_kv_b, mla_metadata, split_kv_b  # noqa: F401
+from plm_gguf.memory import KVLayout, layout_of
 from plm_gguf.schema import config_from_gguf
 
 # What llama.cpp (unpatched) prints when it is given a latent-layout file.
@@ -55,16 +57,12 @@ def latent_tensors(name: str, data: np.ndarray, sizes: MlaSizes) -> list[tuple[s
 def is_latent(path: str | os.PathLike[str]) -> bool:
     """Whether a PLM GGUF is in the latent layout (plm_gguf.memory.layout_of); any other file is a
     UsageError naming it."""
-    from plm_gguf.memory import KVLayout, layout_of
-
     return layout_of(path) is KVLayout.LATENT
 
 
 def _element_view(t) -> np.ndarray:
     """A reader tensor's elements in GGUF's reversed-ne numpy shape, as a plain dtype that
     keeps the bits (F32 as float32, F16/BF16 as uint16)."""
-    import gguf
-
     T = gguf.GGMLQuantizationType
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == T.F32:
@@ -78,8 +76,6 @@ def _element_view(t) -> np.ndarray:
 def rewrite_to_latent(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Rewrite a stock-layout PLM GGUF into the latent layout (tensor data is re-laid out
     exactly, never recomputed); written to dst.partial and renamed, so dst is whole or absent."""
-    import gguf
-
     src, dst = Path(src), Path(dst)
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()

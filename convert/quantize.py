@@ -10,7 +10,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from plm_gguf.llama.runtime import run_worker
+from plm_gguf.qtypes import llama_file_types
 
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -19,8 +22,6 @@ def quantize_file(src: Path, dst: Path, outtype: str, *, threads: int | None = N
                   overrides: dict[str, int] | None = None, imatrix: Path | None = None) -> None:
     """Quantize `src` into `dst` as llama.cpp file type `outtype` (q4_k_m, iq4_nl, ...).
     `overrides` maps tensor-name regexes to ggml types; `imatrix` is an .npz of importances."""
-    from plm_gguf.qtypes import llama_file_types
-
     ftype = int(llama_file_types()[outtype])
     args = ["quantize", str(src), str(dst), str(ftype), "--threads", str(threads or os.cpu_count() or 1)]
     with contextlib.ExitStack() as stack:
@@ -41,7 +42,6 @@ def _tensor_progress(enabled: bool, label: str):
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:

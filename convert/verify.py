@@ -31,6 +31,7 @@ import torch
 
 from plm_gguf.checkpoint import Checkpoint, resolve_model
 from plm_gguf.errors import TokenizerError, UsageError
+from plm_gguf.ggufinfo import read_plm_gguf
 from plm_gguf.llama.runtime import run_worker
 from plm_gguf.reference import PLMForCausalLM
 from plm_gguf.schema import PLMConfig, config_from_gguf
@@ -213,6 +214,4 @@ def _check_same_model(config: PLMConfig, in_file: PLMConfig, path: Path) -> None
 
 
 def _read_file_type(path: Path) -> int:
-    from plm_gguf.ggufinfo import read_plm_gguf
-
     return int(read_plm_gguf(path).get("general.file_type", gguf.LlamaFileType.GUESSED))

@@ -21,8 +21,11 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
+from plm_gguf.convert.mla import MlaSizes, mla_metadata, split_kv_b
+from plm_gguf.convert.quantize import quantize_file
 from plm_gguf.errors import CheckpointError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.memory import KVLayout, parse_layout
@@ -30,6 +33,7 @@ from plm_gguf.outputs import check_target, claimed, partial_path
 from plm_gguf.qtypes import DIRECT_TYPES, NEEDS_IMATRIX, bf16_to_f32, parse_outtype
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
+
 
 @dataclass
 class TensorPlan:
@@ -100,8 +104,6 @@ def convert(
         if outtype in DIRECT_TYPES:
             plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model), kv_cache=kv_cache)
         else:
-            from plm_gguf.convert.quantize import quantize_file
-
             lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
             with partial_path(target, ".src.partial") as src:
                 write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model), kv_cache=kv_cache)
@@ -172,8 +174,6 @@ def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: st
         writer.add_key_length(c.qk_head_dim)
         writer.add_value_length(c.v_head_dim)
     else:  # absorbed MLA: attention over the latent, as llama.cpp's deepseek2 describes it
-        from plm_gguf.convert.mla import MlaSizes, mla_metadata
-
         for key, value in mla_metadata(MlaSizes.from_config(c)).items():
             writer.add_uint32(key, value)
     writer.add_rope_dimension_count(c.qk_rope_head_dim)
@@ -250,8 +250,6 @@ class _KvBPart:
         self.ref, self.sizes, self.index, self.dtype = ref, sizes, index, ref.dtype
 
     def raw(self) -> np.ndarray:
-        from plm_gguf.convert.mla import split_kv_b
-
         return split_kv_b(self.ref.raw(), self.sizes)[self.index]
 
     def row_chunks(self, max_bytes: int):
@@ -263,8 +261,6 @@ class _KvBPart:
 
 
 def _latent_plans(ckpt: Checkpoint, wanted: QT) -> list[tuple[TensorPlan, object]]:
-    from plm_gguf.convert.mla import MlaSizes
-
     c, sizes = ckpt.config, MlaSizes.from_config(ckpt.config)
     out = []
     for spec in ckpt.specs:
@@ -316,8 +312,6 @@ def _progress(enabled: bool, total: int, label: str):
     if not enabled:
         yield lambda n: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())

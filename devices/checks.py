@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
 from plm_gguf.memory import MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash_attn_auto, layout_of, plan  # noqa: F401
 
 from .facts import SPEED_FEATURES, DeviceFacts
@@ -60,8 +61,6 @@ class ModelInfo:
 
 def read_model(path: Path) -> ModelInfo:
     """The GGUF metadata that sizes the KV cache (read without loading tensors)."""
-    from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
-
     if not path.is_file():
         raise UsageError(f"model file not found: {path}", "pass the path to a .gguf file")
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +284,6 @@ def list_profiles() -> list[str]:
 
 def with_overrides(profile: Profile, *, address: str = "", exec_wrapper: str | None = None) -> Profile:
     """The profile with the transport address (ssh [user@]host[:port], adb serial) replaced."""
-    from dataclasses import replace
-
     tspec = profile.transport
     if address:
         if tspec.kind == "ssh":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class PlmGgufError(Exception):
     """A problem the user can act on: one line naming it, one line of hint."""
@@ -91,8 +93,6 @@ _OS_HINTS = {
 
 def from_os_error(exc: OSError) -> PlmGgufError:
     """A typed, one-line error for an OSError raised anywhere below the command line."""
-    import errno
-
     name = errno.errorcode.get(exc.errno or 0, "")
     where = exc.filename if exc.filename is not None else ""
     if exc.filename2 is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
+from plm_gguf.errors import UsageError
 from plm_gguf.qtypes import bf16_to_f32
 
 _SCALARS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
@@ -187,8 +188,6 @@ def _is_int(value: object) -> bool:
 
 def read_plm_gguf(path: Path | str, arrays: tuple[str, ...] = ()) -> GGUFInfo:
     """read_gguf_info for a file that must be a PLM GGUF: anything else is a UsageError."""
-    from plm_gguf.errors import UsageError
-
     try:
         info = read_gguf_info(path, arrays)
     except (GGUFFormatError, OSError) as exc:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from plm_gguf.errors import UsageError
+from plm_gguf.ggufinfo import read_plm_gguf
+
 MIB = 1024 * 1024
 UBATCH = 512  # llama.cpp's default micro-batch: sets the size of the compute buffer
 CACHE_BYTES = 2  # f16 K and V, as llama.cpp runs by default
@@ -40,8 +43,6 @@ def parse_layout(value: str | KVLayout | None) -> KVLayout | None:
     try:
         return KVLayout(value)
     except ValueError:
-        from plm_gguf.errors import UsageError
-
         raise UsageError(f"--kv-cache {value!r} is not a layout",
                          "use full (stock llama.cpp) or latent (absorbed MLA)") from None
 
@@ -51,8 +52,6 @@ def layout_of(source: Any) -> KVLayout:
     is a UsageError naming it), or anything already read with a ``fields`` mapping (GGUFInfo,
     gguf.GGUFReader). A latent file carries ``<arch>.attention.key_length_mla``."""
     if isinstance(source, (str, os.PathLike)):
-        from plm_gguf.ggufinfo import read_plm_gguf
-
         source = read_plm_gguf(source)
     fields = source.fields
     arch = fields.get("general.architecture")

@@ -13,6 +13,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as QT
 
 from plm_gguf.errors import InputError, PlmGgufError, UsageError
+from plm_gguf.qtypes import DIRECT_TYPES, llama_file_types
 
 # Types that need (IQ1/IQ2) or clearly benefit from (other IQ, 2-3 bit K) an importance matrix.
 _IMATRIX_AUTO = re.compile(r"^(iq\d|q2_k|q3_k)")
@@ -60,8 +61,6 @@ def check_name(name: str, source: str, error: type[PlmGgufError] = UsageError) -
 def _validate(recipe: Recipe, source: str, error: type[PlmGgufError]) -> Recipe:
     """RECIPE, refused with ERROR (InputError for a file's recipe, UsageError for --types) unless
     its name, types and patterns are ones llama.cpp and the sweep folder take."""
-    from plm_gguf.qtypes import DIRECT_TYPES, llama_file_types
-
     check_name(recipe.name, source, error)
     if recipe.base not in llama_file_types() or recipe.base in ("f32", "f16", "bf16"):
         raise error(f"recipe {recipe.name!r} in {source}: {recipe.base!r} is not a quantized llama.cpp type",

@@ -3,25 +3,28 @@ type needs or benefits from one (computed from --text with the torch reference).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+from plm_gguf.convert.quantize import quantize_file
+from plm_gguf.convert.writer import convert
 from plm_gguf.errors import UsageError
+from plm_gguf.llama.runtime import run_worker
 from plm_gguf.memory import KVLayout, layout_of, parse_layout
+from plm_gguf.options import check_threads
+from plm_gguf.outputs import check_target, claimed, partial_path
+from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import stock_recipes
 from plm_gguf.quant_eval.scoring import MIN_CTX
+from plm_gguf.quant_eval.sweep import file_facts, gguf_in_layout
+from plm_gguf.reference import PLMForCausalLM
+from plm_gguf.schema import config_from_gguf
 
 
 def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, text: str, threads: int,
                  kv_cache: KVLayout | str | None = None) -> dict:
-    from plm_gguf.convert.quantize import quantize_file
-    from plm_gguf.convert.writer import convert
-    from plm_gguf.outputs import check_target, claimed, partial_path
-    from plm_gguf.schema import config_from_gguf
-    from plm_gguf.options import check_threads
-    from plm_gguf.quant_eval.sweep import file_facts, gguf_in_layout
-
     recipe = stock_recipes([type_])[0]
     kv_cache = parse_layout(kv_cache)  # (a KVLayout from the CLI; a str from a Python caller)
     check_threads(threads)
@@ -48,13 +51,6 @@ def quantize_one(source: str, type_: str, outfile: Path | None, *, force: bool, 
 
 
 def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
-    import json
-
-    from plm_gguf.llama.runtime import run_worker
-    from plm_gguf.quant_eval.imatrix import compute_imatrix
-    from plm_gguf.reference import PLMForCausalLM
-    from plm_gguf.schema import config_from_gguf
-
     (tmp / "text.json").write_text(json.dumps([text]))
     run_worker(["tokenize", str(base), "--texts", str(tmp / "text.json"), "--out", str(tmp / "ids.json")])
     tokens = json.loads((tmp / "ids.json").read_text())[0]

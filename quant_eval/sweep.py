@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,13 +34,22 @@ from typing import Callable, Iterator
 
 import gguf
 
+from plm_gguf.checkpoint import Checkpoint
+from plm_gguf.convert.mla import rewrite_to_latent
+from plm_gguf.convert.quantize import quantize_file
+from plm_gguf.convert.verify import verify
+from plm_gguf.convert.writer import convert
 from plm_gguf.errors import LlamaCppError, OutputError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info, read_plm_gguf
 from plm_gguf.llama.runtime import run_worker
+from plm_gguf.memory import KVLayout, MemoryTarget, ModelShape, kv_cache_bytes, layout_of, parse_layout
 from plm_gguf.options import check_threads
+from plm_gguf.outputs import claimed
+from plm_gguf.quant_eval import report as rep
+from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
 from plm_gguf.quant_eval.scoring import MIN_CTX, scored_range
-from plm_gguf.memory import KVLayout, MemoryTarget, ModelShape, kv_cache_bytes, layout_of, parse_layout
+from plm_gguf.reference import PLMForCausalLM
 from plm_gguf.schema import PLMConfig, config_from_gguf
 
 REPORT_VERSION = 1
@@ -152,8 +162,6 @@ def check_layout(path: Path, kv_cache: KVLayout | None) -> None:
 def gguf_in_layout(path: Path, kv_cache: KVLayout | None, dest: Path) -> Path:
     """PATH itself, or PATH rewritten into the latent layout at DEST (kv_cache latent for a
     stock-layout file); a latent file cannot go back to full without its checkpoint."""
-    from plm_gguf.convert.mla import rewrite_to_latent
-
     check_layout(path, kv_cache)
     if kv_cache is KVLayout.LATENT and layout_of(path) is KVLayout.FULL:
         if not dest.exists():
@@ -174,7 +182,6 @@ def open_source(source: str, kv_cache: KVLayout | None) -> Source:
         check_layout(path, kv_cache)
         context_length = config_from_gguf(path).max_position_embeddings  # every key checked
         return Source(path, True, context_length, _identity(path, [path]))
-    from plm_gguf.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(source)
     files = sorted({*ckpt.files, *(p for p in ckpt.folder.iterdir() if p.is_file())})
@@ -316,9 +323,6 @@ def prepare_base(source: Source, out: Path, threads: int, kv_cache: KVLayout | N
         base = gguf_in_layout(path, kv_cache, inside(out, f"{path.stem}-latent.gguf"))
         return base, {"source": str(path), "file_type": _file_type(path), "verified": None,
                       **({"rewritten_to_latent_from": str(path)} if base != path else {})}
-    from plm_gguf.checkpoint import Checkpoint
-    from plm_gguf.convert.verify import verify
-    from plm_gguf.convert.writer import convert
 
     dtype = Checkpoint(path).source_dtype
     outtype = "bf16" if dtype == "BF16" else "f32"  # lossless either way
@@ -346,8 +350,6 @@ def run_sweep(source: str, options: SweepOptions, on_event: Callable[[str, dict]
     """Measure OPTIONS.recipes against SOURCE in OPTIONS.out, reusing what an earlier run with
     the same inputs measured there (ORIGIN: check_sweep's answer, if the caller has it). A folder
     this run makes is removed again if the run ends before it has saved a report."""
-    from plm_gguf.outputs import claimed
-
     origin = origin or check_sweep(source, options)
     out = options.out
     created = _first_missing(out)
@@ -418,7 +420,6 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
                                                ModelShape.of_config(config), layout_of(base), options.ctx)
     sweep.report["mixes_vs_stock"] = mixes_vs_stock(rows)
     sweep.save()
-    from plm_gguf.quant_eval import report as rep
 
     with replacing(sweep.path("report.csv")) as tmp:
         rep.write_csv(sweep.report, tmp)
@@ -465,9 +466,6 @@ def _tokens(sweep: Sweep) -> list[int]:
 def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
     path = sweep.path("imatrix.npz")
     if not path.exists():
-        from plm_gguf.quant_eval.imatrix import compute_imatrix
-        from plm_gguf.reference import PLMForCausalLM
-
         sweep.on_event("imatrix", {})
         model = PLMForCausalLM.from_gguf(sweep.base, sweep.config)
         with replacing(path) as tmp:
@@ -506,8 +504,6 @@ def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str, reference: P
 
 def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | None,
              unmatched: list[str] | None = None) -> dict:
-    from plm_gguf.convert.quantize import quantize_file
-
     row = {"recipe": recipe.name, "key": recipe.key, "base": recipe.base, "overrides": recipe.overrides,
            "description": recipe.description, "imatrix": recipe.uses_imatrix, "file": f"models/{recipe.name}.gguf"}
     if unmatched:  # those overrides change nothing: the row says so
@@ -536,8 +532,6 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
 def unmatched_overrides(recipe: Recipe, tensor_names: list[str]) -> list[str]:
     """The recipe's override patterns that name no tensor of the file (llama.cpp applies them
     with regex_search, first match wins)."""
-    import re
-
     return [p for p in recipe.overrides if not any(re.search(p, name) for name in tensor_names)]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from plm_gguf.errors import DeviceError, UsageError
 from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
 from plm_gguf.memory import MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash_attn_auto, layout_of, plan  # noqa: F401
+from plm_gguf.schema import PLMConfig, config_from_gguf
 
 from .facts import SPEED_FEATURES, DeviceFacts
 
@@ -77,6 +78,8 @@ def read_model(path: Path) -> ModelInfo:
         return found
 
     arch = value("general.architecture")
+    if arch == "plm":  # a PLM file's sizes come from the one reader of them, every key checked
+        return _plm_model(path, config_from_gguf(path), layout_of(info))
     n_head = int(value(f"{arch}.attention.head_count"))
     vocab = info.get("tokenizer.ggml.tokens")  # the array's length
     layout = layout_of(info)
@@ -93,6 +96,13 @@ def read_model(path: Path) -> ModelInfo:
         layout=layout,
         kv_lora_rank=int(value(f"{arch}.attention.kv_lora_rank", 0)), rope_dim=int(value(f"{arch}.rope.dimension_count", 0)),
     )
+
+
+def _plm_model(path: Path, c: PLMConfig, layout: KVLayout) -> ModelInfo:
+    return ModelInfo(path=path, size=path.stat().st_size, arch="plm", n_layer=c.num_hidden_layers, n_head=c.n_head,
+                     n_head_kv=c.n_head, key_length=c.qk_head_dim, value_length=c.v_head_dim, n_embd=c.hidden_size,
+                     n_ff=c.intermediate_size, n_vocab=c.vocab_size, n_ctx_train=c.max_position_embeddings,
+                     layout=layout, kv_lora_rank=c.kv_lora_rank, rope_dim=c.qk_rope_head_dim)
 
 
 def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,

@@ -12,15 +12,19 @@ which transport it is.
 from __future__ import annotations
 
 import os
+import pty
+import re
 import secrets
+import select
 import shlex
 import shutil
 import subprocess
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from plm_gguf.errors import DeviceError, UsageError
 
@@ -29,6 +33,12 @@ from .profiles import CONTROL_CHAR, Profile, TransportSpec
 DEFAULT_TIMEOUT = 120.0
 GENERIC_HINT = "check that the device is reachable: `plm-gguf devices probe DEVICE` runs one command there"
 MIN_RATE = 256 * 1024  # bytes/s a file copy may not fall below before it times out
+STALL_TIMEOUT = 120.0  # s an ssh upload may send nothing before it is given up
+REPORT_INTERVAL = 0.5  # s between two progress reports of an upload
+CHUNK = 1 << 20
+ADB_PERCENT = re.compile(rb"\[\s*(\d+)%\]")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+Report = Callable[[int], None]  # told the bytes of the file sent so far (an upload's progress)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class Transport(ABC):
 
     - ``can_append`` / ``append(local, remote, offset)``: resumable uploads (deploy resumes an
       interrupted upload only where ``can_append`` is true);
+    - ``report``, a keyword of put and append: called about every REPORT_INTERVAL and at the end
+      with the bytes of the file sent so far (an append starts at its offset);
     - ``forward(local, port)``: make the device's 127.0.0.1:port reachable here as
       127.0.0.1:local, set up now or described as the command the user runs; returns that
       description. ``unforward(local)`` undoes what ``forward`` set up (nothing by default).
@@ -63,7 +75,7 @@ class Transport(ABC):
         """Run a POSIX shell script on the device; check=True raises DeviceError on a failure."""
 
     @abstractmethod
-    def put(self, local: Path, remote: str) -> None:
+    def put(self, local: Path, remote: str, *, report: Report | None = None) -> None:
         """Copy one local file to `remote` on the device."""
 
     @abstractmethod
@@ -74,7 +86,7 @@ class Transport(ABC):
     def describe(self) -> str:
         """The device as a person names it (in messages and results)."""
 
-    def append(self, local: Path, remote: str, offset: int) -> None:
+    def append(self, local: Path, remote: str, offset: int, *, report: Report | None = None) -> None:
         """Send `local` from byte `offset` onto the end of `remote` (resuming an interrupted upload)."""
         raise DeviceError(f"{self.describe()} cannot resume an upload", "send the whole file with put")
 
@@ -132,14 +144,121 @@ def _exec(argv: list[str], what: str, timeout: float, check: bool, stdin=None, i
         proc = subprocess.run(argv, stdin=stdin, input=input_text, stdout=stdout, stderr=subprocess.PIPE,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise DeviceError(f"{what} timed out after {timeout:.0f} s", "is the device reachable and responsive?") from None
+        raise _timed_out(what, timeout) from None
     except FileNotFoundError:
-        raise DeviceError(f"{argv[0]} is not installed", f"install it to reach this device ({what})") from None
-    result = Result(proc.returncode, (proc.stdout or b"").decode(errors="replace"), proc.stderr.decode(errors="replace"))
+        raise _not_installed(argv[0], what) from None
+    return _checked(Result(proc.returncode, (proc.stdout or b"").decode(errors="replace"),
+                           proc.stderr.decode(errors="replace")), what, check)
+
+
+def _timed_out(what: str, timeout: float) -> DeviceError:
+    return DeviceError(f"{what} timed out after {timeout:.0f} s", "is the device reachable and responsive?")
+
+
+def _not_installed(program: str, what: str) -> DeviceError:
+    return DeviceError(f"{program} is not installed", f"install it to reach this device ({what})")
+
+
+def _checked(result: Result, what: str, check: bool) -> Result:
+    """The result; check=True raises a failure as a DeviceError naming its last line of output."""
     if check and not result.ok:
         last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise DeviceError(f"{what} failed (exit {result.returncode}): {last[0][:300]}", _hint_for(result.stderr))
     return result
+
+
+def _throttled(report: Report | None) -> Callable[[int, bool], None]:
+    """report(n), at most once per REPORT_INTERVAL unless final=True."""
+    last = float("-inf")
+
+    def tick(sent: int, final: bool = False) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if report and (final or now - last >= REPORT_INTERVAL):
+            last = now
+            report(sent)
+    return tick
+
+
+def _exec_streaming(argv: list[str], what: str, timeout: float, sent: Callable[[bytes], int], start: int, total: int,
+                    report: Report | None, *, stdin=subprocess.DEVNULL, pty_stdout: bool = False,
+                    stall: float | None = None) -> Result:
+    """An upload, with _exec(check=True)'s errors, reporting `sent(the end of its stdout so far)` as it goes
+    (never backwards): `start` first and `total` once it succeeded. pty_stdout gives the child a terminal as its stdout (adb
+    prints its progress only there). stall: give up when `sent` has not moved for that many seconds."""
+    tick = _throttled(report)
+    tick(start, True)
+    master, slave = pty.openpty() if pty_stdout else (-1, -1)
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=slave if pty_stdout else subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        if pty_stdout:
+            os.close(master)
+        raise _not_installed(argv[0], what) from None
+    finally:
+        if pty_stdout:
+            os.close(slave)
+    out, err = master if pty_stdout else proc.stdout.fileno(), proc.stderr.fileno()
+    output, reading = {out: bytearray(), err: bytearray()}, {out, err}
+    began = moved = time.monotonic()
+    position = start
+    try:
+        while proc.poll() is None:
+            _drain(output, reading, min(0.1, REPORT_INTERVAL))
+            now, at = time.monotonic(), sent(bytes(output[out][-1024:]))
+            if at > position:
+                position, moved = at, now
+            tick(position)
+            if now - began > timeout:
+                raise _timed_out(what, timeout)
+            if stall is not None and now - moved > stall:
+                raise DeviceError(f"{what} stalled: nothing sent for {stall:.0f} s",
+                                  "is the device reachable and responsive?")
+        _drain(output, reading, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if pty_stdout:
+            os.close(master)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+    stdout = output[out].decode(errors="replace")
+    if pty_stdout:
+        stdout = "".join(line + "\n" for line in _screen_lines(stdout))
+    result = _checked(Result(proc.returncode, stdout, output[err].decode(errors="replace")), what, True)
+    tick(total, True)
+    return result
+
+
+def _drain(output: dict[int, bytearray], reading: set[int], wait: float) -> None:
+    """Add what the child wrote to each fd's buffer: waits up to `wait` s for some, or (wait=0) takes all
+    there is; an fd at its end leaves `reading`."""
+    while reading:
+        ready, _, _ = select.select(list(reading), [], [], wait)
+        for fd in ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # a pty whose other end is closed
+                chunk = b""
+            if chunk:
+                output[fd] += chunk
+            else:
+                reading.discard(fd)
+        if wait or not ready:
+            return
+
+
+def _screen_lines(text: str) -> list[str]:
+    """What a terminal shows of `text`: each line as its last carriage return left it, progress lines dropped."""
+    lines = []
+    for line in ANSI_ESCAPE.sub("", text).split("\n"):
+        shown = ([part for part in line.split("\r") if part.strip()] or [""])[-1]
+        if shown.strip() and not ADB_PERCENT.match(shown.encode()):
+            lines.append(shown)
+    return lines
 
 
 def _hint_for(stderr: str) -> str:
@@ -158,6 +277,20 @@ def _hint_for(stderr: str) -> str:
     return GENERIC_HINT
 
 
+def _copy_from(local: Path, target: Path, offset: int, report: Report | None) -> None:
+    """Copy `local` from byte `offset` on: onto the end of `target` when offset > 0, else over it."""
+    tick = _throttled(report)
+    with open(local, "rb") as src, open(target, "ab" if offset else "wb") as dst:
+        src.seek(offset)
+        sent = offset
+        tick(sent, True)
+        while chunk := src.read(CHUNK):
+            dst.write(chunk)
+            sent += len(chunk)
+            tick(sent)
+    tick(sent, True)
+
+
 class LocalTransport(Transport):
     """This machine, through /bin/sh: a port on it needs no forward."""
 
@@ -167,21 +300,19 @@ class LocalTransport(Transport):
     def run(self, script: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
         return _exec(["/bin/sh", "-c", script], f"local command {_first_line(script)!r}", timeout, check)
 
-    def put(self, local: Path, remote: str) -> None:
+    def put(self, local: Path, remote: str, *, report: Report | None = None) -> None:
         target = Path(os.path.expanduser(remote))
         with _local_errors(f"copy of {local.name} to {target}"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, target)
+            _copy_from(local, target, 0, report)
 
     def get(self, remote: str, local: Path) -> None:
         with _download(local) as tmp, _local_errors(f"copy of {remote} to {local}"):
             shutil.copyfile(os.path.expanduser(remote), tmp)
 
-    def append(self, local: Path, remote: str, offset: int) -> None:
+    def append(self, local: Path, remote: str, offset: int, *, report: Report | None = None) -> None:
         with _local_errors(f"copy of {local.name} to {remote}"):
-            with open(local, "rb") as src, open(os.path.expanduser(remote), "ab") as dst:
-                src.seek(offset)
-                shutil.copyfileobj(src, dst, 1 << 20)
+            _copy_from(local, Path(os.path.expanduser(remote)), offset, report)
 
     def forward(self, local: int, port: int) -> str:
         return "none needed (local)"
@@ -243,18 +374,22 @@ class SshTransport(Transport):
                               _hint_for(result.stderr))
         return result
 
-    def put(self, local: Path, remote: str) -> None:
-        with open(local, "rb") as fh:
-            _exec(self._base() + ["-T", "--", self.destination, "cat > " + _remote_path(remote)],
-                  f"copy of {local.name} to {self.destination}", _copy_timeout(local.stat().st_size), True, stdin=fh)
+    def put(self, local: Path, remote: str, *, report: Report | None = None) -> None:
+        self._send(local, "cat > " + _remote_path(remote), 0, report)
 
-    def append(self, local: Path, remote: str, offset: int) -> None:
+    def append(self, local: Path, remote: str, offset: int, *, report: Report | None = None) -> None:
         """Send the file from byte `offset` onto the end of `remote` (resuming an interrupted upload)."""
+        self._send(local, "cat >> " + _remote_path(remote), offset, report)
+
+    def _send(self, local: Path, script: str, offset: int, report: Report | None) -> None:
+        """ssh reads the file itself (its stdin); its progress is the offset of the file they share."""
         with open(local, "rb") as fh:
             fh.seek(offset)
-            _exec(self._base() + ["-T", "--", self.destination, "cat >> " + _remote_path(remote)],
-                  f"copy of {local.name} to {self.destination}", _copy_timeout(local.stat().st_size - offset), True,
-                  stdin=fh)
+            size = os.fstat(fh.fileno()).st_size
+            _exec_streaming(self._base() + ["-T", "--", self.destination, script],
+                            f"copy of {local.name} to {self.destination}", _copy_timeout(size - offset),
+                            lambda _: os.lseek(fh.fileno(), 0, os.SEEK_CUR), offset, size, report, stdin=fh,
+                            stall=STALL_TIMEOUT)
 
     def get(self, remote: str, local: Path) -> None:
         what = f"copy of {remote} from {self.destination}"
@@ -288,9 +423,16 @@ class AdbTransport(Transport):
         # adb joins its arguments with spaces for the device shell: hand it one quoted-by-us script.
         return _exec(self._base() + ["shell", script], f"{self.describe()} shell {_first_line(script)!r}", timeout, check)
 
-    def put(self, local: Path, remote: str) -> None:
-        _exec(self._base() + ["push", str(local), remote], f"adb push {local.name}",
-              _copy_timeout(local.stat().st_size), True)
+    def put(self, local: Path, remote: str, *, report: Report | None = None) -> None:
+        """adb push prints "[ NN%] path" while its stdout is a terminal: it gets one, and those become bytes."""
+        size = local.stat().st_size
+
+        def sent(output: bytes) -> int:
+            percents = ADB_PERCENT.findall(output)
+            return min(size, int(percents[-1]) * size // 100) if percents else 0
+
+        _exec_streaming(self._base() + ["push", str(local), remote], f"adb push {local.name}", _copy_timeout(size),
+                        sent, 0, size, report, pty_stdout=True)
 
     def get(self, remote: str, local: Path) -> None:
         with _download(local) as tmp:

@@ -124,10 +124,11 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
                ) -> None:
     """Check, push and smoke-test MODEL on a device; optionally bench it and serve it."""
     from .deploy import deploy
+    from .meter import UploadMeter
 
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
                bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
-               mla_patch=mla_patch, flash_attn=flash_attn, progress=progress)
+               mla_patch=mla_patch, flash_attn=flash_attn, progress=progress, meter=UploadMeter(console))
     print_deploy(r)
 
 
@@ -164,11 +165,39 @@ def cmd_undeploy(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, a
     console.print(f"[green]removed[/] {escape(', '.join(removed))}")
 
 
+def cmd_emulate(name: Optional[str] = typer.Argument(None, help="rpi5 or rpi4 (none: list what runs)."),
+                port: int = typer.Option(0, "--port", help="The loopback port for its sshd (0: a free one)."),
+                stop: bool = typer.Option(False, "--stop", help="Stop it (every process in it ends, its files go).")
+                ) -> None:
+    """Start an emulated Raspberry Pi here (arm64 Debian bookworm under qemu, sshd on loopback), to
+    rehearse `plm-gguf deploy --device rpi5 --address ...` without the board. Needs root."""
+    from . import emulator
+
+    if name is None:
+        for m in emulator.MACHINES.values():
+            up = emulator.running(m.name)
+            console.print(f"{m.name:<6} {escape(m.description):<40} " + (f"[green]running[/] at {up.address}" if up else "stopped"))
+        return
+    if stop:
+        console.print(f"[green]stopped[/] the emulated {name}" if emulator.stop(name) else f"the emulated {name} was not running")
+        return
+    m = emulator.machine(name)
+    up = emulator.start(name, port=port, log=lambda s: progress("start", s))
+    console.print(f"[green]running[/] an emulated {escape(m.description)}: arm64 Debian {emulator.SUITE} under qemu "
+                  f"({m.qemu_cpu}), recorded /proc/cpuinfo and /proc/meminfo")
+    console.print(f"  address  {up.address}")
+    console.print(f"  deploy   plm-gguf deploy MODEL.gguf --device {m.profile} --address {up.address}")
+    console.print(f"  shell    ssh -i {escape(up.identity)} -o UserKnownHostsFile={escape(up.known_hosts)} "
+                  f"-p {up.port} {up.user}@127.0.0.1")
+    console.print(f"  stop     plm-gguf devices emulate {name} --stop")
+
+
 def register(app: typer.Typer) -> None:
     devices = typer.Typer(help="Device profiles and probing.", no_args_is_help=True)
     devices.command("list")(cmd_list)
     devices.command("show")(cmd_show)
     devices.command("probe")(cmd_probe)
+    devices.command("emulate")(cmd_emulate)
     app.add_typer(devices, name="devices")
     app.command("build")(cmd_build)
     app.command("deploy")(cmd_deploy)

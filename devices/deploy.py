@@ -17,7 +17,8 @@ import json
 import posixpath
 import shlex
 import tempfile
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,16 +26,18 @@ from plm_gguf.cache import sha256_file
 from plm_gguf.errors import DeviceError, UsageError
 from plm_gguf.memory import default_ctx
 
-from . import checks, toolchain
+from . import checks, emulator, toolchain
 from .facts import DeviceFacts, parse_probe, probe_script
 from .profiles import INSTALL_DIR_HINT, Profile, check_install_dir, load_profile, with_overrides
 from .runner import BenchResult, ServerInfo, run_bench, smoke_test, start_server, stop_server
-from .transports import Transport, connect, plain_name, quote_path, sh
+from .transports import Report, Transport, connect, plain_name, quote_path, sh
 
 MANIFEST = "plm-gguf-deploy.json"
 RUNTIME = ("server.log", "server.pid")  # what a deploy that serves writes beside the files it sends
 MANIFEST_MAX = 1 << 20  # bytes of it read: a larger one is corrupt
 Progress = Callable[[str, str], None]
+# meter(name, size, offset): a context manager around one upload that yields its `report` (devices/meter.py)
+Meter = Callable[[str, int, int], AbstractContextManager[Report | None]]
 # What the install folder holds, in one round trip: the real paths of it and of $HOME, the first
 # entry that is neither the manifest nor an upload in progress, which of NAMES exist, the manifest.
 INSPECT_SCRIPT = r"""d={dir}
@@ -75,8 +78,14 @@ class DeployResult:
 
 def resolve_profile(profile_name: str = "host", profile_file: str | None = None, address: str = "",
                     exec_wrapper: str | None = None) -> Profile:
-    profile = load_profile(profile_file or profile_name)
-    return with_overrides(profile, address=address, exec_wrapper=exec_wrapper)
+    profile = with_overrides(load_profile(profile_file or profile_name), address=address, exec_wrapper=exec_wrapper)
+    spec = profile.transport
+    emulated = emulator.for_address(spec.host, spec.port) if spec.kind == "ssh" else None
+    if emulated and not (spec.identity_file or spec.known_hosts):  # `devices emulate` made its key and host key
+        spec = replace(spec, user=spec.user or emulated.user, identity_file=emulated.identity,
+                       known_hosts=emulated.known_hosts)
+        profile = replace(profile, transport=spec)
+    return profile
 
 
 def probe(profile: Profile, transport: Transport | None = None) -> DeviceFacts:
@@ -235,8 +244,10 @@ def _resume_offset(transport: Transport, local: Path, partial: str, size: int) -
 
 
 def push_files(transport: Transport, folder: str, files: dict[str, Path], executable: set[str],
-               facts: DeviceFacts, progress: Progress) -> tuple[list[str], list[str], dict[str, int]]:
-    """Send what differs: to a temporary name (resuming an interrupted upload), sha256 checked, renamed."""
+               facts: DeviceFacts, progress: Progress, meter: Meter | None = None
+               ) -> tuple[list[str], list[str], dict[str, int]]:
+    """Send what differs: to a temporary name (resuming an interrupted upload), sha256 checked, renamed.
+    meter, when given, shows each upload's progress."""
     if facts.tools and "sha256sum" not in facts.tools:
         raise DeviceError("the device has no sha256sum to verify uploads", "install coreutils or busybox on the device")
     local = {name: sha256_file(path) for name, path in files.items()}
@@ -248,11 +259,12 @@ def push_files(transport: Transport, folder: str, files: dict[str, Path], execut
         partial = f"{folder}/.{name}.partial"
         offset = _resume_offset(transport, files[name], partial, partials.get(name, 0))
         progress("put", name + (f" (resuming at {offset} bytes)" if offset else ""))
-        if offset:
-            transport.append(files[name], partial, offset)
-            resumed[name] = offset
-        else:
-            transport.put(files[name], partial)
+        with meter(name, files[name].stat().st_size, offset) if meter else nullcontext() as report:
+            if offset:
+                transport.append(files[name], partial, offset, report=report)
+                resumed[name] = offset
+            else:
+                transport.put(files[name], partial, report=report)
         got = transport.run(f"sha256sum < {sh(partial)}", timeout=600).stdout.split()[:1]
         if got != [local[name]]:
             transport.run(sh("rm", "-f", partial), timeout=30, check=False)
@@ -319,9 +331,10 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
            serve_port: int | None = None, forward_port: int | None = None,
            llama_cpp: str | Path | None = None, glibc: str = "",
            bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True, mla_patch: bool = True,
-           flash_attn: str = "auto", progress: Progress | None = None) -> DeployResult:
+           flash_attn: str = "auto", progress: Progress | None = None, meter: Meter | None = None) -> DeployResult:
     """Put llama.cpp (with plm-gguf's patches unless mla_patch=False) and the model on the
-    device and prove they run there. flash_attn: auto (on for latent-layout files), on or off."""
+    device and prove they run there. flash_attn: auto (on for latent-layout files), on or off.
+    meter shows each upload's progress (devices/meter.py; None: only the `put` event)."""
     progress = progress or (lambda event, detail: None)
     profile = profile or resolve_profile(profile_name, address=address)
     model = checks.read_model(Path(model_path).expanduser())
@@ -343,7 +356,7 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     served = {"forward_port": forward_port or serve_port} if serve_port else {}
     claim(transport, folder, [*files, *(RUNTIME if serve_port else ())], build=built.key, profile=profile.name,
           model=model.path.name, **served)
-    sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress)
+    sent, skipped, resumed = push_files(transport, folder, files, set(built.binaries), facts, progress, meter)
     result = DeployResult(profile.name, transport.describe(), facts, built.key, folder, f"{folder}/{model.path.name}",
                           ctx, n_threads, plan, sent, skipped, resumed, warnings)
     result.kernels = toolchain.toolchain_for(profile).kernels(built.manifest)

@@ -33,14 +33,20 @@ def register(app: typer.Typer) -> None:
 def demo(
     workdir: Path = typer.Option(Path("plm-gguf-demo"), "--workdir", help="Where the demo writes its files."),
     tokenizer: str = typer.Option("qwen", "--tokenizer", help="qwen (the real 151k vocabulary) or tiny."),
-    deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Build llama.cpp for this machine and bench it."),
+    deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Build llama.cpp for the device and bench it there."),
+    emulate: bool = typer.Option(True, "--emulate/--no-emulate",
+                                 help="Deploy to an emulated Raspberry Pi 5 where this machine can run one (root, "
+                                      "Linux 6.7+, qemu-user-static); else, or with --no-emulate, to this machine."),
 ) -> None:
-    """The whole pipeline on a small PLM built here: convert, verify, sweep, deploy to this machine."""
+    """The whole pipeline on a small PLM built here: convert, verify, sweep, deploy to an emulated
+    Raspberry Pi 5 (or this machine)."""
     # the stages, imported here so that `plm-gguf --help` (which registers this command) stays fast
     from plm_gguf.convert.verify import verify
     from plm_gguf.convert.writer import convert
     from plm_gguf.devices import cli as devices_cli
+    from plm_gguf.devices import emulator
     from plm_gguf.devices.deploy import deploy as deploy_model
+    from plm_gguf.devices.meter import UploadMeter
     from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
     from plm_gguf.quant_eval.cli import sweep_and_print
     from plm_gguf.quant_eval.sweep import default_corpus
@@ -84,10 +90,39 @@ def demo(
     sweep_and_print(sweep_source, types="q8_0,q6_k,q4_k_m,q4_0", corpus=default_corpus(), corpus_name="built-in corpus",
                     ctx=256, device=("host", None, ""), out=workdir / "sweep",
                     replace=True)  # the demo owns its folder
-    if deploy:
-        for rule, name in (("4. deploy to this machine (host profile) and benchmark", "q4_k_m"),
+    if not deploy:
+        return
+    profile, address, started = _deploy_target(emulate)
+    where = f"the emulated Raspberry Pi 5 at {address}" if address else "this machine (host profile)"
+    try:
+        for rule, name in ((f"4. deploy to {where} and benchmark", "q4_k_m"),
                            ("5. the same model in the absorbed-MLA layout: latent KV cache, flash attention",
                             "q4_k_m-latent")):
             console.rule(rule)
-            result = deploy_model(files[name], profile_name="host", ctx=512, bench=True, progress=devices_cli.progress)
+            result = deploy_model(files[name], profile_name=profile, address=address, ctx=512, bench=True,
+                                  progress=devices_cli.progress, meter=UploadMeter(devices_cli.console))
             devices_cli.print_deploy(result)
+    finally:
+        if started:
+            emulator.stop("rpi5")
+            console.print("stopped the emulated Raspberry Pi 5 (nothing left running)")
+
+
+def _deploy_target(emulate: bool) -> tuple[str, str, bool]:
+    """(profile, address, started here): the emulated Pi 5 when this machine can run one, else the host."""
+    from plm_gguf.devices import cli as devices_cli
+    from plm_gguf.devices import emulator
+    from plm_gguf.errors import PlmGgufError
+
+    if not emulate:
+        return "host", "", False
+    was_running = emulator.running("rpi5") is not None
+    try:
+        machine = emulator.start("rpi5", log=lambda line: devices_cli.progress("start", line))
+    except PlmGgufError as err:
+        console.print(f"[yellow]the emulated Raspberry Pi 5 cannot run here[/] ({err.message}); "
+                      "deploying to this machine instead")
+        return "host", "", False
+    console.print(f"deploying to an emulated Raspberry Pi 5 (arm64 Debian bookworm under qemu, {machine.address}); "
+                  "its speed is qemu's, not a Pi's")
+    return "rpi5", machine.address, not was_running

@@ -17,8 +17,6 @@ import pytest
 
 from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
 
-DATA = Path(__file__).parents[1] / "data" / "devices"
-
 
 def _missing(why: str) -> None:
     """Skip where a Debian package is absent, but fail in CI, which installs them (./run setup)."""
@@ -81,7 +79,60 @@ def sshd(tmp_path_factory):
     stop_sshd(server)
 
 
+@pytest.fixture(scope="session")
+def emulated_pi(aarch64_build):
+    """The emulated Raspberry Pi 5 (devices/emulator.py): its image built once per cache, the machine
+    started once per session (or the one already running reused) and stopped at the end."""
+    if os.geteuid() != 0:
+        _missing("the emulated Pi needs root")
+    if not shutil.which("mmdebstrap") or not shutil.which("arch-test"):
+        _missing("mmdebstrap / arch-test are not installed")
+    from plm_gguf.devices import emulator
+
+    was_running = emulator.running("rpi5")
+    machine = emulator.start("rpi5")
+    yield machine
+    if not was_running:
+        assert emulator.stop("rpi5")
+
+
 def write_profile(folder: Path, name: str, body: str) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(body)
     return path
+
+
+# ---------------------------------------------------------------- absorbed MLA on the device builds
+
+MLA_PROMPT = "def read_config(path):\n    "
+N_PREDICT = 24
+TRAINED = Path(__file__).resolve().parents[1] / "data" / "trained-plm"  # 4.4M PLM trained on Python's stdlib
+
+
+@pytest.fixture(scope="session")
+def mla_pair(tmp_path_factory):
+    """The trained fixture PLM (nope 48 != v 64) converted to f32 in both KV-cache layouts, and the
+    bytes of the torch reference's greedy continuation of MLA_PROMPT (byte-level BPE pieces)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from plm_gguf.checkpoint import Checkpoint
+    from plm_gguf.convert.writer import convert
+    from plm_gguf.fixtures.tokenizers import bytes_to_unicode
+    from plm_gguf.reference import PLMForCausalLM
+
+    root = tmp_path_factory.mktemp("mla-qemu")
+    ckpt = TRAINED
+    stock = convert(ckpt, root / "stock-f32.gguf", "f32").outfile
+    latent = convert(ckpt, root / "latent-f32.gguf", "f32", kv_cache="latent").outfile
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    ids = tok.encode(MLA_PROMPT, add_special_tokens=False).ids
+    n_prompt = len(ids)
+    model = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
+    with torch.no_grad():
+        for _ in range(N_PREDICT):
+            ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    pieces = [bytes(to_byte[c] for c in tok.id_to_token(i)) for i in ids[n_prompt:]]
+    assert len(set(pieces)) > 2, pieces  # a continuation that can tell two computations apart
+    return stock, latent, MLA_PROMPT.encode() + b"".join(pieces)

@@ -1,12 +1,11 @@
-"""Device facts assembled from the recorded outputs in tests/data/devices (as the probe would see them)."""
+"""Device facts assembled from the recorded outputs in devices/machines (as the probe would see them)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from plm_gguf.devices.emulator import MACHINES_DIR
 from plm_gguf.devices.facts import DeviceFacts, parse_probe
 
-DATA = Path(__file__).parents[1] / "data" / "devices"
+DATA = MACHINES_DIR
 EXTRA = {
     "rpi4": dict(pagesize="4096", libc="glibc 2.36", model="Raspberry Pi 4 Model B Rev 1.4", temp="48686", nproc="4"),
     "rpi5": dict(pagesize="16384", libc="glibc 2.36", model="Raspberry Pi 5 Model B Rev 1.0", temp="51250",

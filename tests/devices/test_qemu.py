@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from plm_gguf.devices.deploy import deploy
 from plm_gguf.devices.profiles import load_profile
 
-from .conftest import write_profile
+from .conftest import MLA_PROMPT, N_PREDICT, write_profile
 from .elf import EM_AARCH64, elf_summary
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -56,40 +54,6 @@ def test_a_build_above_the_cpu_dies_with_sigill_and_says_so(aarch64_build, profi
 
 # ---------------------------------------------------------------- absorbed MLA on the device build
 
-MLA_PROMPT = "def read_config(path):\n    "
-N_PREDICT = 24
-TRAINED = Path(__file__).resolve().parents[1] / "data" / "trained-plm"  # 4.4M PLM trained on Python's stdlib
-
-
-@pytest.fixture(scope="module")
-def mla_pair(tmp_path_factory):
-    """The trained fixture PLM (nope 48 != v 64) converted to f32 in both KV-cache layouts, and the
-    bytes of the torch reference's greedy continuation of MLA_PROMPT (byte-level BPE pieces)."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from plm_gguf.checkpoint import Checkpoint
-    from plm_gguf.convert.writer import convert
-    from plm_gguf.fixtures.tokenizers import bytes_to_unicode
-    from plm_gguf.reference import PLMForCausalLM
-
-    root = tmp_path_factory.mktemp("mla-qemu")
-    ckpt = TRAINED
-    stock = convert(ckpt, root / "stock-f32.gguf", "f32").outfile
-    latent = convert(ckpt, root / "latent-f32.gguf", "f32", kv_cache="latent").outfile
-    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    ids = tok.encode(MLA_PROMPT, add_special_tokens=False).ids
-    n_prompt = len(ids)
-    model = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
-    with torch.no_grad():
-        for _ in range(N_PREDICT):
-            ids.append(int(model(torch.tensor(ids))[-1].argmax()))
-    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-    pieces = [bytes(to_byte[c] for c in tok.id_to_token(i)) for i in ids[n_prompt:]]
-    assert len(set(pieces)) > 2, pieces  # a continuation that can tell two computations apart
-    return stock, latent, MLA_PROMPT.encode() + b"".join(pieces)
-
-
 def _complete_under_qemu(build, model) -> bytes:
     """llama-completion's stdout: the prompt and the greedy continuation, as bytes."""
     import subprocess
@@ -119,7 +83,7 @@ def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch6
     assert out_stock.startswith(reference) and out_stock[len(reference):].strip() == b"", (out_stock, reference)
 
 
-def test_deploy_a_latent_file_to_the_emulated_pi(aarch64_build, mla_pair, profile_dir, tmp_path):
+def test_deploy_a_latent_file_under_exec_wrapper_qemu(aarch64_build, mla_pair, profile_dir, tmp_path):
     """deploy pushes the patched build with a latent file, counts the latent cache, runs it with
     flash attention (auto) and without; asked for stock llama.cpp, or for flash attention on a
     stock-layout file, it refuses before building or sending anything."""

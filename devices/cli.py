@@ -166,7 +166,8 @@ def cmd_undeploy(device: str = DEVICE, profile_file: Optional[Path] = PROFILE, a
 
 
 def cmd_emulate(name: Optional[str] = typer.Argument(None, help="rpi5 or rpi4 (none: list what runs)."),
-                port: int = typer.Option(0, "--port", help="The loopback port for its sshd (0: a free one)."),
+                port: int = typer.Option(0, "--port", min=0, max=65535,
+                                         help="The loopback port for its sshd (0: a free one)."),
                 stop: bool = typer.Option(False, "--stop", help="Stop it (every process in it ends, its files go).")
                 ) -> None:
     """Start an emulated Raspberry Pi here (arm64 Debian bookworm under qemu, sshd on loopback), to
@@ -185,11 +186,11 @@ def cmd_emulate(name: Optional[str] = typer.Argument(None, help="rpi5 or rpi4 (n
     up = emulator.start(name, port=port, log=lambda s: progress("start", s))
     console.print(f"[green]running[/] an emulated {escape(m.description)}: arm64 Debian {emulator.SUITE} under qemu "
                   f"({m.qemu_cpu}), recorded /proc/cpuinfo and /proc/meminfo")
-    console.print(f"  address  {up.address}")
-    console.print(f"  deploy   plm-gguf deploy MODEL.gguf --device {m.profile} --address {up.address}")
-    console.print(f"  shell    ssh -i {escape(up.identity)} -o UserKnownHostsFile={escape(up.known_hosts)} "
-                  f"-p {up.port} {up.user}@127.0.0.1")
-    console.print(f"  stop     plm-gguf devices emulate {name} --stop")
+    for line in (f"  address  {up.address}",
+                 f"  deploy   plm-gguf deploy MODEL.gguf --device {m.profile} --address {up.address}",
+                 f"  shell    ssh -i {up.identity} -o UserKnownHostsFile={up.known_hosts} -p {up.port} {up.user}@127.0.0.1",
+                 f"  stop     plm-gguf devices emulate {name} --stop"):
+        console.print(escape(line), soft_wrap=True)  # whole lines, to copy
 
 
 def register(app: typer.Typer) -> None:

@@ -215,3 +215,15 @@ def test_without_root_it_says_so(monkeypatch):
     with pytest.raises(DeviceError, match="needs root") as err:
         emulator.require_host(building=False)
     assert "exec_wrapper" in err.value.hint
+
+
+def test_a_namespace_that_cannot_be_set_up_is_named(tmp_path):
+    """What the namespace launcher says when binfmt_misc cannot be mounted becomes the error's message."""
+    log = tmp_path / "namespace.log"
+    log.write_text("error: mount binfmt_misc on /proc/sys/fs/binfmt_misc: Operation not permitted "
+                   "(binfmt_misc in a user namespace needs Linux 6.7 or later)\n")
+    err = emulator._setup_failure(log)
+    assert err.message == ("could not set up the emulated Pi's namespaces: mount binfmt_misc on "
+                           "/proc/sys/fs/binfmt_misc: Operation not permitted (binfmt_misc in a user namespace "
+                           "needs Linux 6.7 or later)")
+    assert "Linux 6.7" in err.hint and os.uname().release in err.hint

@@ -15,6 +15,8 @@ from plm_gguf.memory import MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash
 from plm_gguf.schema import PLMConfig, config_from_gguf
 
 from .facts import SPEED_FEATURES, DeviceFacts
+from .gpu import GpuInfo
+from .profiles import HOST_TOOLCHAINS
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
 ARCH_ALIASES = {"aarch64": "aarch64", "arm64": "aarch64", "armv8l": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
@@ -106,16 +108,30 @@ def _plm_model(path: Path, c: PLMConfig, layout: KVLayout) -> ModelInfo:
 
 
 def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
-                flash_attn: bool = False) -> MemoryPlan:
-    """The core's memory plan (plm_gguf.memory.plan) for MODEL on the device FACTS describe."""
+                flash_attn: bool = False, gpu: GpuInfo | None = None) -> MemoryPlan:
+    """The core's memory plan (plm_gguf.memory.plan) for MODEL on the device FACTS describe: in its
+    MemAvailable, or with every layer on GPU, in that GPU's free VRAM."""
+    if gpu is not None:
+        return plan(model.shape, model.layout, model.size, ctx, gpu.mem_free, headroom_mib, flash_attn,
+                    f"free VRAM of the {gpu.name}", gpu=True)
     return plan(model.shape, model.layout, model.size, ctx, facts.mem_available, headroom_mib, flash_attn)
 
 
+def offload_gpu(gpu_layers: int, facts: DeviceFacts, where: str) -> GpuInfo | None:
+    """The GPU a profile offloading GPU_LAYERS runs on (the first nvidia-smi lists); none without offload."""
+    if gpu_layers <= 0:
+        return None
+    if not facts.gpus:
+        raise DeviceError(f"the profile offloads layers to an NVIDIA GPU, but nvidia-smi finds none on {where}",
+                          "check the NVIDIA driver there (nvidia-smi), or use a CPU profile (gpu_layers = 0)")
+    return facts.gpus[0]
+
+
 def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int,
-                        flash_attn: bool = False) -> int:
+                        flash_attn: bool = False, gpu: GpuInfo | None = None) -> int:
     ctx = upto
     while ctx >= 256:
-        if plan_memory(model, ctx, facts, headroom_mib, flash_attn).fits:
+        if plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu).fits:
             return ctx
         ctx = ctx - 256 if ctx % 256 == 0 else ctx // 256 * 256
     return 0
@@ -152,23 +168,23 @@ def resolve_flash_attn(model: ModelInfo, mode: str, mla_patch: bool = True) -> b
 
 
 def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
-                 latent_runs: bool = True, flash_attn: bool = False) -> MemoryPlan:
+                 latent_runs: bool = True, flash_attn: bool = False, gpu: GpuInfo | None = None) -> MemoryPlan:
     """Refuse a plan that does not fit; the hint names the largest ctx that does and, for a stock
     file, what the latent layout would need (latent_runs: the build runs latent files, with
     flash attention as auto would choose)."""
-    plan = plan_memory(model, ctx, facts, headroom_mib, flash_attn)
+    plan = plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu)
     if plan.fits:
         return plan
-    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1, flash_attn)
+    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1, flash_attn, gpu)
     hint = (f"use --ctx {smaller} (fits)" if smaller else
             "even ctx 256 does not fit: use a smaller quantization (e.g. Q4_0) or free memory on the device")
     latent = model.as_latent() if latent_runs else None
     if latent is not None:
-        alt = plan_memory(latent, ctx, facts, headroom_mib, flash_attn=True)
+        alt = plan_memory(latent, ctx, facts, headroom_mib, flash_attn=True, gpu=gpu)
         if alt.fits:
             hint = (f"convert with --kv-cache latent: its KV cache at ctx {ctx} is {alt.kv_cache / MIB:.0f} MiB "
                     f"instead of {plan.kv_cache / MIB:.0f} MiB, and it fits; or {hint}")
-    raise DeviceError(f"the model does not fit in memory: {plan.describe()}", hint)
+    raise DeviceError(f"the model does not fit in {'VRAM' if gpu else 'memory'}: {plan.describe()}", hint)
 
 
 def check_arch(manifest: dict, facts: DeviceFacts, wrapped: bool) -> None:
@@ -189,7 +205,7 @@ def check_features(manifest: dict, facts: DeviceFacts) -> list[str]:
             f"({facts.cpu.summary}); it would die with SIGILL",
             "deploy with the profile that matches the CPU (e.g. rpi4 or linux-aarch64 for armv8-a)",
         )
-    if manifest.get("toolchain") == "native":
+    if manifest.get("toolchain") in HOST_TOOLCHAINS:
         return []
     unused = [f for f in SPEED_FEATURES if f in facts.cpu.features and f not in uses]
     if unused:
@@ -213,7 +229,7 @@ def check_libc(manifest: dict, facts: DeviceFacts) -> None:
 
 def check_page_size(manifest: dict, facts: DeviceFacts) -> None:
     limit = int(manifest.get("max_page_size") or 4096)
-    if manifest.get("toolchain") != "native" and facts.page_size > limit:
+    if manifest.get("toolchain") not in HOST_TOOLCHAINS and facts.page_size > limit:
         raise DeviceError(f"the device uses {facts.page_size}-byte pages; the build is aligned for {limit}",
                           "rebuild (the current recipe links with max-page-size=16384)")
 

@@ -37,7 +37,7 @@ def cmd_list() -> None:
     """List device profiles (shipped and your own); a profile that does not load is a warning."""
     from plm_gguf.errors import UsageError
 
-    from .profiles import SHIPPED_DIR, list_profiles, load_profile, user_profile_dir
+    from .profiles import HOST_TOOLCHAINS, SHIPPED_DIR, list_profiles, load_profile, user_profile_dir
 
     table = Table("name", "transport", "target", "description")
     broken = []
@@ -47,7 +47,7 @@ def cmd_list() -> None:
         except UsageError as err:
             broken.append(err.message)
             continue
-        target = p.target.toolchain if p.target.toolchain == "native" else f"{p.target.triple} {p.target.mcpu}"
+        target = p.target.toolchain if p.target.toolchain in HOST_TOOLCHAINS else f"{p.target.triple} {p.target.mcpu}"
         mark = "" if Path(p.source).parent == SHIPPED_DIR else " (yours)"
         table.add_row(escape(name + mark), p.transport.kind, escape(target), escape(p.description))
     console.print(table)
@@ -85,6 +85,8 @@ def cmd_probe(target: str = typer.Argument("host", help="Profile name."), profil
         ("memory", f"{facts.mem_available / MIB:.0f} MiB available of {facts.mem_total / MIB:.0f} MiB"),
         ("disk free", f"{facts.disk_free / MIB:.0f} MiB" if facts.disk_free >= 0 else "unknown"),
         ("libc", facts.libc), ("page size", str(facts.page_size)),
+        *((f"GPU {i}", g.summary) for i, g in enumerate(facts.gpus)),
+        *((("CUDA (driver)", facts.cuda_version),) if facts.cuda_version else ()),
         ("temperature", f"{facts.temperature_c:.1f} °C" if facts.temperature_c is not None else "not exposed"),
         ("profiles that run here", ", ".join(suggest_profiles(facts)) or "none"),
     ]
@@ -112,6 +114,10 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
                ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (default: the profile's)."),
                threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: big cores)."),
                bench: bool = typer.Option(False, "--bench", help="Run llama-bench after the smoke test."),
+               bench_prompt: int = typer.Option(64, "--bench-prompt", min=1, help="llama-bench's prompt tokens (-p)."),
+               bench_gen: int = typer.Option(16, "--bench-gen", min=1, help="llama-bench's generated tokens (-n)."),
+               bench_depth: str = typer.Option("", "--bench-depth", metavar="N,N,...",
+                                               help="llama-bench at these context depths too (-d), e.g. 0,4096,16384."),
                serve: Optional[int] = typer.Option(None, "--serve", help="Start llama-server on this port."),
                forward_port: Optional[int] = typer.Option(None, "--forward-port",
                                                           help="Local end of the forward (default: PORT)."),
@@ -127,9 +133,22 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
     from .meter import UploadMeter
 
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
-               bench=bench, serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
+               bench=bench or bool(bench_depth), bench_prompt=bench_prompt, bench_gen=bench_gen,
+               bench_depths=parse_depths(bench_depth), serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
                mla_patch=mla_patch, flash_attn=flash_attn, progress=progress, meter=UploadMeter(console))
     print_deploy(r)
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    """'0,4096,16384' -> (0, 4096, 16384); anything else is a UsageError."""
+    from plm_gguf.errors import UsageError
+
+    if not text:
+        return ()
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts) or len(parts) > 16:
+        raise UsageError(f"--bench-depth {text!r} is not a list of token counts", "e.g. --bench-depth 0,4096,16384")
+    return tuple(int(p) for p in parts)
 
 
 def print_deploy(r) -> None:
@@ -147,12 +166,20 @@ def print_deploy(r) -> None:
     if r.skipped:
         console.print(f"  already there: {escape(', '.join(r.skipped))}")
     console.print(f"  smoke: {escape(repr(r.smoke_output[-200:]))}")
+    if r.buffers:
+        console.print("  llama.cpp reported: " + ", ".join(f"{escape(k)} {v:.1f} MiB" for k, v in r.buffers.items())
+                      + f" (the plan: KV {r.memory.kv_cache / MIB:.1f} MiB, compute {r.memory.compute / MIB:.1f} MiB)")
     if r.bench:
         b = r.bench
         temps = f"{b.temp_before_c} -> {b.temp_after_c} °C" if b.temp_before_c is not None else "not exposed"
         console.print(f"  bench: prompt {b.prompt_tps:.1f} tok/s (pp{b.n_prompt}), generation {b.gen_tps:.1f} tok/s "
                       f"(tg{b.n_gen}), {b.threads} threads, temperature {temps}, "
                       f"kernels: {', '.join(r.kernels) or 'armv8-a baseline (no dotprod, no Q4_0 repacking)'}")
+        if len(b.by_depth) > 1:
+            table = Table("depth", f"pp{b.n_prompt} tok/s", f"tg{b.n_gen} tok/s", box=None)
+            for depth, pp, tg in b.by_depth:
+                table.add_row(str(depth), f"{pp:,.1f}", f"{tg:,.1f}")
+            console.print(table)
     if r.server:
         console.print(f"  server: pid {r.server.pid} on device 127.0.0.1:{r.server.port}; reach it: {escape(r.server.forward)}")
 

@@ -26,7 +26,7 @@ from plm_gguf.cache import sha256_file
 from plm_gguf.errors import DeviceError, UsageError
 from plm_gguf.memory import default_ctx
 
-from . import checks, emulator, toolchain
+from . import checks, emulator, gpu, toolchain
 from .facts import DeviceFacts, parse_probe, probe_script
 from .profiles import INSTALL_DIR_HINT, Profile, check_install_dir, load_profile, with_overrides
 from .runner import BenchResult, ServerInfo, run_bench, smoke_test, start_server, stop_server
@@ -71,6 +71,7 @@ class DeployResult:
     resumed: dict[str, int] = field(default_factory=dict)  # file -> bytes kept from an interrupted upload
     warnings: list[str] = field(default_factory=list)
     smoke_output: str = ""
+    buffers: dict[str, float] = field(default_factory=dict)  # KV and compute buffers llama.cpp reported (MiB)
     bench: BenchResult | None = None
     server: ServerInfo | None = None
     kernels: list[str] = field(default_factory=list)  # speed features the build compiles in (dotprod, i8mm, fp16)
@@ -103,6 +104,8 @@ def suggest_profiles(facts: DeviceFacts) -> list[str]:
     for name in list_profiles():
         try:
             p = load_profile(name)
+            if p.gpu_layers > 0 and not facts.gpus:  # offloads to a GPU this device lacks
+                continue
             manifest = target_manifest(p)
             checks.check_arch(manifest, facts, wrapped=False)
             checks.check_features(manifest, facts)
@@ -321,8 +324,9 @@ def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx
         warnings.append(f"ctx {ctx} is beyond the model's training context {model.n_ctx_train}")
     if ctx < 64:
         raise UsageError(f"--ctx {ctx} is too small", "use --ctx 256 or more")
+    gpu = checks.offload_gpu(profile.gpu_layers, facts, profile.name)
     plan = checks.check_memory(model, ctx, facts, profile.headroom_mib, latent_runs=mla_patch,
-                               flash_attn=use_flash_attn)
+                               flash_attn=use_flash_attn, gpu=gpu)
     return ctx, plan, warnings
 
 
@@ -330,7 +334,8 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
            address: str = "", ctx: int | None = None, threads: int | None = None, bench: bool = False,
            serve_port: int | None = None, forward_port: int | None = None,
            llama_cpp: str | Path | None = None, glibc: str = "",
-           bench_prompt: int = 64, bench_gen: int = 16, smoke: bool = True, mla_patch: bool = True,
+           bench_prompt: int = 64, bench_gen: int = 16, bench_depths: tuple[int, ...] = (), smoke: bool = True,
+           mla_patch: bool = True,
            flash_attn: str = "auto", progress: Progress | None = None, meter: Meter | None = None) -> DeployResult:
     """Put llama.cpp (with plm-gguf's patches unless mla_patch=False) and the model on the
     device and prove they run there. flash_attn: auto (on for latent-layout files), on or off.
@@ -352,6 +357,8 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     built = toolchain.build(profile, llama_cpp, glibc=glibc, mla_patch=mla_patch, server=bool(serve_port),
                             log=lambda line: progress("build", line))
     toolchain.verify_build(built)
+    if built.manifest.get("cuda_version"):  # a CUDA build runs where the driver supports its CUDA
+        gpu.check_driver(built.manifest["cuda_version"], facts.cuda_version, transport.describe())
     files = {**built.binaries, model.path.name: model.path}
     served = {"forward_port": forward_port or serve_port} if serve_port else {}
     claim(transport, folder, [*files, *(RUNTIME if serve_port else ())], build=built.key, profile=profile.name,
@@ -362,17 +369,40 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     result.kernels = toolchain.toolchain_for(profile).kernels(built.manifest)
     if smoke:
         progress("smoke", "llama-completion")
-        result.smoke_output = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,
-                                         flash_attn=plan.flash_attn, manifest=built.manifest)
+        ran = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,
+                         flash_attn=plan.flash_attn, manifest=built.manifest)
+        result.smoke_output, result.buffers = ran.text, ran.buffers
     if bench:
         progress("bench", f"llama-bench -p {bench_prompt} -n {bench_gen} -t {n_threads}")
         result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen,
-                                 flash_attn=plan.flash_attn, manifest=built.manifest)
+                                 flash_attn=plan.flash_attn, manifest=built.manifest, depths=bench_depths)
     if serve_port:
         progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
         result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,
                                      forward_port, flash_attn=plan.flash_attn)
     return result
+
+
+def speed_here(profile: Profile, *, n_prompt: int = 128, n_gen: int = 32,
+               log: Callable[[str], None] | None = None) -> Callable[[Path], tuple[float, float]]:
+    """For a profile of this machine (local transport, e.g. `cuda`): a function that measures a
+    file's prompt and generation tok/s with the profile's own llama-bench (its -ngl, flash
+    attention as deploy runs that layout), built first if need be. The sweep's --device speed."""
+    if profile.transport.kind != "local":
+        raise UsageError(f"measuring speed on {profile.name} needs the device to be this machine",
+                         "run the sweep on the device itself, or deploy a chosen file there with --bench")
+    built = toolchain.build(profile, log=log)
+    toolchain.verify_build(built)
+    transport, folder = connect(profile), str(built.path / "bin")
+    threads = checks.default_threads(profile.threads, probe(profile, transport))
+
+    def speed(model: Path) -> tuple[float, float]:
+        flash = checks.resolve_flash_attn(checks.read_model(model), "auto")
+        result = run_bench(transport, profile, folder, str(Path(model).resolve()), threads, n_prompt, n_gen,
+                           flash_attn=flash, manifest=built.manifest)
+        return result.prompt_tps, result.gen_tps
+
+    return speed
 
 
 def undeploy(profile_name: str = "host", *, profile: Profile | None = None, address: str = "") -> list[str]:
@@ -393,4 +423,4 @@ def undeploy(profile_name: str = "host", *, profile: Profile | None = None, addr
     return files
 
 
-__all__ = ["DeployResult", "deploy", "undeploy", "probe", "preflight", "resolve_profile"]
+__all__ = ["DeployResult", "deploy", "undeploy", "probe", "preflight", "resolve_profile", "speed_here"]

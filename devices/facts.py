@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from plm_gguf.errors import DeviceError
 
+from .gpu import PROBE_SCRIPT as GPU_SCRIPT
+from .gpu import GpuInfo, parse_cuda_version, parse_gpus
+
 # ARM's CPU part numbers (implementer 0x41) and a few others seen in phones.
 CPU_PARTS = {
     (0x41, 0xD03): "Cortex-A53", (0x41, 0xD04): "Cortex-A35", (0x41, 0xD05): "Cortex-A55",
@@ -43,6 +46,7 @@ s android; getprop ro.build.version.release 2>/dev/null
 s model; cat /proc/device-tree/model 2>/dev/null; echo; getprop ro.product.model 2>/dev/null
 s maxfreq; for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq; do [ -r "$f" ] && cat "$f"; done
 {temp}
+{gpu}
 s tools; for t in sha256sum nohup mv; do command -v $t >/dev/null 2>&1 && echo $t; done
 s end
 """
@@ -78,6 +82,8 @@ class DeviceFacts:
     max_freqs: list[int] = field(default_factory=list)  # kHz per CPU
     temperature_c: float | None = None
     tools: frozenset[str] = frozenset()
+    gpus: list[GpuInfo] = field(default_factory=list)  # NVIDIA GPUs nvidia-smi lists
+    cuda_version: str = ""  # the highest CUDA version the NVIDIA driver supports
 
     @property
     def big_cores(self) -> int:
@@ -192,12 +198,14 @@ def parse_probe(text: str) -> DeviceFacts:
         max_freqs=ints(sec.get("maxfreq", "")),
         temperature_c=parse_temperature(sec.get("temp", ""), sec.get("vcgencmd", "")),
         tools=frozenset(sec.get("tools", "").split()),
+        gpus=parse_gpus(sec.get("gpu", "")),
+        cuda_version=parse_cuda_version(sec.get("cuda", "")),
     )
 
 
 def probe_script(install_dir: str) -> str:
     """The probe; install_dir must already be shell-quoted (a leading ~/ is left to the shell)."""
-    return PROBE_SCRIPT.replace("{temp}", TEMP_SCRIPT).replace("{dir}", install_dir)
+    return PROBE_SCRIPT.replace("{temp}", TEMP_SCRIPT).replace("{gpu}", GPU_SCRIPT).replace("{dir}", install_dir)
 
 
 def temperature_script() -> str:

@@ -30,7 +30,8 @@ else:  # pragma: no cover - Python 3.10
 
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 TRANSPORT_KINDS = ("ssh", "adb", "local")
-TOOLCHAINS = ("zig", "ndk", "native")
+TOOLCHAINS = ("zig", "ndk", "native", "cuda")
+HOST_TOOLCHAINS = ("native", "cuda")  # builds of this machine's own llama.cpp tree (plm_gguf.llama.host)
 
 STR, INT, STRS, STR_OR_STRS = "a string", "an integer", "a list of strings", "a string or a list of strings"
 TYPE_CHECKS = {
@@ -42,10 +43,10 @@ TYPE_CHECKS = {
 # What each key of a profile file must be; a dict is a [table] with its own keys.
 SCHEMA: dict[str, Any] = {
     "extends": STR, "description": STR, "install_dir": STR, "threads": INT, "ctx": INT, "headroom_mib": INT,
-    "exec_wrapper": STR_OR_STRS,
+    "exec_wrapper": STR_OR_STRS, "gpu_layers": INT,
     "transport": {"kind": STR, "host": STR, "user": STR, "port": INT, "known_hosts": STR, "identity_file": STR,
                   "ssh_config": STR, "options": STRS, "serial": STR},
-    "target": {"toolchain": STR, "triple": STR, "glibc": STR, "mcpu": STR, "uses": STRS, "ndk": STR},
+    "target": {"toolchain": STR, "triple": STR, "glibc": STR, "mcpu": STR, "uses": STRS, "ndk": STR, "cuda_arch": STR},
 }
 CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # a newline, NUL, ...: never part of a path plm-gguf writes
 HOME_VAR = re.compile(r"^\$(?:HOME|\{HOME\})(?=/|$)")
@@ -75,11 +76,12 @@ class TransportSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    toolchain: str  # zig | ndk | native
+    toolchain: str  # zig | ndk | native | cuda
     triple: str = ""  # aarch64-linux-musl, aarch64-linux-gnu
     glibc: str = ""  # with a -gnu triple: the glibc version to link against, e.g. "2.36"
     mcpu: str = ""  # zig's CPU name (cortex_a76, generic, cortex_a76+i8mm)
     uses: tuple[str, ...] = ()  # /proc/cpuinfo features the build may execute
+    cuda_arch: str = ""  # cuda: the GPU architecture ("90"); empty: the device's GPU, probed
 
     @property
     def arch(self) -> str:
@@ -89,7 +91,7 @@ class TargetSpec:
     def libc(self) -> str:
         if self.toolchain == "ndk":
             return "bionic"
-        if self.toolchain == "native":
+        if self.toolchain in HOST_TOOLCHAINS:
             return "host"
         return f"gnu.{self.glibc}" if "gnu" in self.triple else "musl"
 
@@ -105,6 +107,7 @@ class Profile:
     ctx: int = 2048
     headroom_mib: int = 256
     exec_wrapper: tuple[str, ...] = ()
+    gpu_layers: int = 0  # layers llama.cpp offloads to the GPU (-ngl); 0: none, 999: all
     source: str = ""  # the file it came from
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -230,7 +233,7 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Profile:
         target.update(triple="aarch64-linux-android", uses=["fp", "asimd"], mcpu="")
     if toolchain not in TOOLCHAINS:
         raise UsageError(f"{where}: target.toolchain {toolchain!r} is unknown", f"use one of {TOOLCHAINS}")
-    if toolchain != "native" and not target.get("triple"):
+    if toolchain not in HOST_TOOLCHAINS and not target.get("triple"):
         raise UsageError(f"{where}: target.triple is missing", "e.g. triple = \"aarch64-linux-musl\"")
     if "install_dir" not in data:
         raise UsageError(f"{where}: install_dir is missing", "e.g. install_dir = \"~/plm-gguf\"")
@@ -251,6 +254,7 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Profile:
         glibc=target.get("glibc", ""),
         mcpu=target.get("mcpu", ""),
         uses=tuple(target.get("uses", ())),
+        cuda_arch=target.get("cuda_arch", ""),
     )
     wrapper = data.get("exec_wrapper", ())
     wrapper = tuple(wrapper.split()) if isinstance(wrapper, str) else tuple(wrapper)
@@ -264,6 +268,7 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Profile:
         ctx=data.get("ctx", 2048),
         headroom_mib=data.get("headroom_mib", 256),
         exec_wrapper=wrapper,
+        gpu_layers=data.get("gpu_layers", 0),
         source=str(path),
         raw=data,
     )

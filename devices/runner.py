@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from plm_gguf.errors import DeviceError
 
 from .facts import parse_temperature_output, temperature_script
-from .profiles import Profile
+from .profiles import HOST_TOOLCHAINS, Profile
 from .transports import Transport, exec_argv, sh
 
 SMOKE_PROMPT = "The capital of France is"
@@ -39,6 +39,18 @@ class BenchResult:
     temp_after_c: float | None
     raw: list
 
+    @property
+    def by_depth(self) -> list[tuple[int, float, float]]:
+        """(depth, prompt tok/s, generation tok/s) for each depth llama-bench ran at (-d)."""
+        rows: dict[int, list[float]] = {}
+        for r in self.raw:
+            row = rows.setdefault(int(r.get("n_depth", 0)), [0.0, 0.0])
+            if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+                row[0] = float(r.get("avg_ts", 0.0))
+            elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+                row[1] = float(r.get("avg_ts", 0.0))
+        return [(depth, pp, tg) for depth, (pp, tg) in sorted(rows.items())]
+
 
 @dataclass
 class ServerInfo:
@@ -57,7 +69,7 @@ ARM_EXTENSIONS = (("sve2", "SVE2"), ("sve", "SVE"), ("i8mm", "i8mm (int8 matrix 
 def sigill_hint(profile: Profile, manifest: dict | None) -> str:
     """Which extension the build probably used that this CPU cannot run, and the setting that avoids it."""
     manifest = manifest or {}
-    if (manifest.get("toolchain") or profile.target.toolchain) == "native":
+    if (manifest.get("toolchain") or profile.target.toolchain) in HOST_TOOLCHAINS:
         level = manifest.get("isa", "?")
         features = " ".join(manifest.get("isa_features", ())) or "baseline"
         newest = (manifest.get("isa_features") or ["?"])[-1]
@@ -89,23 +101,47 @@ def _fa(flash_attn: bool, on: str = "on", off: str = "off") -> str:
     return on if flash_attn else off
 
 
+def _ngl(profile: Profile) -> list[str]:
+    """-ngl for a profile that offloads layers to a GPU; nothing for a CPU profile."""
+    return ["-ngl", str(profile.gpu_layers)] if profile.gpu_layers > 0 else []
+
+
 SMOKE_ATTEMPTS = 3
+# "0.00.023.058 I llama_kv_cache:        CPU KV buffer size =     0.31 MiB" (printed at -lv 4)
+BUFFER_LINE = re.compile(r"\w+:\s+(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
+
+
+def parse_buffers(log: str) -> dict[str, float]:
+    """The weight, KV cache and compute buffers llama.cpp reported (MiB, by buffer): {"CUDA0 KV": 1280.0,
+    "CUDA0 compute": 300.6, "CUDA_Host compute": 12.0, ...}, from its load log."""
+    found: dict[str, float] = {}
+    for device, kind, mib in BUFFER_LINE.findall(log):
+        found[f"{device} {kind}"] = found.get(f"{device} {kind}", 0.0) + float(mib)
+    return found
+
+
+@dataclass
+class SmokeResult:
+    text: str  # what llama-completion printed: the prompt and the continuation
+    buffers: dict[str, float]  # parse_buffers of its log
 
 
 def smoke_test(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-               n_predict: int = 8, flash_attn: bool = False, manifest: dict | None = None) -> str:
-    """A short greedy generation; returns the text printed (prompt and continuation)."""
+               n_predict: int = 8, flash_attn: bool = False, manifest: dict | None = None) -> SmokeResult:
+    """A short greedy generation: the text printed (prompt and continuation) and the buffers llama.cpp reported."""
     cmd = exec_argv(profile, f"{folder}/llama-completion", "-m", model, "-p", SMOKE_PROMPT, "-n", str(n_predict),
-                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), "-no-cnv", "--temp", "0", "-s", "1")
+                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), "-no-cnv", "--temp", "0", "-s", "1",
+                    "-lv", "4", *_ngl(profile))  # -lv 4: the load log names each buffer's size
     for _ in range(SMOKE_ATTEMPTS):
         result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=600, check=False)
         if not result.ok:
             raise _fail("the smoke generation", result, profile, manifest)
         if result.stdout.strip():
             break
-        # llama-completion's log is written by a thread; about 1 exit in 8 here (tiny model, 2 cores)
-        # ends with status 0 before it flushed anything, stdout and stderr alike: run it again
-    return result.stdout.strip()
+        # stock llama-completion's log is written by a thread that exit() may end before it wrote
+        # anything (about 1 run in 8 of a tiny model on 2 cores): run it again. Patched builds
+        # drain the log at exit (patches/llama.cpp/0003-completion-drain-log-at-exit.patch)
+    return SmokeResult(result.stdout.strip(), parse_buffers(result.stderr))
 
 
 def read_temperature(transport: Transport) -> float | None:
@@ -121,8 +157,10 @@ def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
         records = []
     if not records:
         raise DeviceError("llama-bench printed no JSON results", "run it by hand on the device to see why")
-    prompt = next((r for r in records if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), {})
-    gen = next((r for r in records if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0), {})
+    first = min(int(r.get("n_depth", 0)) for r in records)  # the shallowest depth (-d 0 unless asked)
+    at_first = [r for r in records if int(r.get("n_depth", 0)) == first]
+    prompt = next((r for r in at_first if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), {})
+    gen = next((r for r in at_first if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0), {})
     threads = int((prompt or gen).get("n_threads", 0))
     return (float(prompt.get("avg_ts", 0.0)), float(gen.get("avg_ts", 0.0)), threads,
             int(prompt.get("n_prompt", 0)), int(gen.get("n_gen", 0)), records)
@@ -130,10 +168,12 @@ def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
 
 def run_bench(transport: Transport, profile: Profile, folder: str, model: str, threads: int,
               n_prompt: int = 64, n_gen: int = 16, reps: int = 2, flash_attn: bool = False,
-              manifest: dict | None = None) -> BenchResult:
+              manifest: dict | None = None, depths: tuple[int, ...] = ()) -> BenchResult:
+    """llama-bench: pp N_PROMPT and tg N_GEN, at each of DEPTHS tokens already in the cache (-d)."""
     before = read_temperature(transport)
     cmd = exec_argv(profile, f"{folder}/llama-bench", "-m", model, "-t", str(threads), "-p", str(n_prompt),
-                    "-n", str(n_gen), "-r", str(reps), "-fa", _fa(flash_attn, "1", "0"), "-o", "json")
+                    "-n", str(n_gen), "-r", str(reps), "-fa", _fa(flash_attn, "1", "0"), "-o", "json",
+                    *_ngl(profile), *(["-d", ",".join(map(str, depths))] if depths else []))
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=1800, check=False)
     if not result.ok:
         raise _fail("llama-bench", result, profile, manifest)
@@ -147,7 +187,7 @@ def start_server(transport: Transport, profile: Profile, folder: str, model: str
     """llama-server bound to 127.0.0.1 under nohup; then the forward that makes it reachable here."""
     stop_server(transport, folder)  # a server this tool started before; the forward is rebound below
     cmd = exec_argv(profile, f"{folder}/{SERVER}", "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn))
+                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), *_ngl(profile))
     # `cd || exit` on its own: `cd && nohup ... &` would background a subshell holding the session open.
     pidfile = sh(f"{folder}/server.pid")
     script = (f"cd {sh(folder)} || exit 1; nohup {cmd} > server.log 2>&1 < /dev/null & echo $! > {pidfile};"

@@ -3,7 +3,8 @@
 Each toolchain is one :class:`Toolchain` (``TOOLCHAINS`` maps the profile's ``target.toolchain``
 to it): :class:`ZigToolchain` and :class:`NdkToolchain` are cross builds sharing one recipe
 (:class:`CrossToolchain`: their CMake arguments, environment and target slug differ), and
-:class:`NativeToolchain` is the host build of plm_gguf.llama.host. The module-level
+:class:`NativeToolchain` is the host build of plm_gguf.llama.host, and :class:`CudaToolchain`
+that build with ggml's CUDA backend for one GPU architecture. The module-level
 ``build_key``, ``find_build``, ``build`` and ``target_manifest`` pick the profile's toolchain.
 
 Every build applies plm-gguf's llama.cpp patch set (patches/llama.cpp, the absorbed-MLA `plm`
@@ -36,8 +37,9 @@ from plm_gguf.cache import cache_dir, llama_cpp_source, sha256_file
 from plm_gguf.errors import DeviceError, LlamaCppError, UsageError
 from plm_gguf.llama import patches as llama_patches
 from plm_gguf.llama.build import BuildProgress, cached_entry, cmake_build
-from plm_gguf.llama.host import find_host_build, host_build, host_key
+from plm_gguf.llama.host import CudaTarget, find_host_build, host_build, host_key
 
+from . import gpu
 from .profiles import Profile, TargetSpec
 from .transports import plain_name
 
@@ -312,7 +314,66 @@ class NativeToolchain(Toolchain):
         return [f"{manifest.get('isa', 'host')} (self-checked)"]
 
 
-TOOLCHAINS: dict[str, Toolchain] = {t.name: t for t in (ZigToolchain(), NdkToolchain(), NativeToolchain())}
+class CudaToolchain(NativeToolchain):
+    """The host build with ggml's CUDA backend, for one GPU architecture: built here with this
+    machine's nvcc (found on PATH, $CUDA_HOME/bin or /usr/local/cuda/bin) for the GPU that
+    nvidia-smi reports on the device (the profile's transport: this machine or an SSH box), or
+    for target.cuda_arch; cached by architecture and CUDA version."""
+
+    name = "cuda"
+
+    def cuda_target(self, profile: Profile) -> CudaTarget:
+        nvcc = gpu.find_nvcc()
+        version = gpu.nvcc_version(nvcc)
+        local = profile.transport.kind == "local"
+        arch = profile.target.cuda_arch
+        if not arch or local:
+            found = self.device_gpus(profile)
+            arch = arch or found[0].arch
+            local = local and any(g.arch == arch for g in found)
+        return CudaTarget(arch=arch, cuda_version=version, nvcc=nvcc, gpu_here=local)
+
+    @staticmethod
+    def device_gpus(profile: Profile) -> list[gpu.GpuInfo]:
+        from .transports import connect
+
+        transport = connect(profile)
+        out = transport.run(f"nvidia-smi --query-gpu={gpu.QUERY} --format=csv,noheader,nounits", timeout=60,
+                            check=False)
+        found = gpu.parse_gpus(out.stdout)
+        if not found:
+            said = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()[-1][:200]
+            raise DeviceError(f"no NVIDIA GPU answers on {transport.describe()} (nvidia-smi: {said})",
+                              "install the NVIDIA driver there, or set target.cuda_arch (e.g. \"89\") to build "
+                              "without asking")
+        return found
+
+    def build_key(self, profile: Profile, source: Path, label: str, glibc: str = "", mla_patch: bool = True) -> str:
+        return host_key(source if label.startswith("src-") else None, mla_patch, self.cuda_target(profile))
+
+    def find(self, profile: Profile, source: str | Path | None, glibc: str, mla_patch: bool,
+             server: bool) -> Build | None:
+        found = _host(find_host_build, source, mla_patch, server=server, cuda=self.cuda_target(profile))
+        return Build(found.key, found.path, found.manifest) if found else None
+
+    def build(self, profile: Profile, source: str | Path | None, *, glibc: str, jobs: int, log, mla_patch: bool,
+              server: bool) -> Build:
+        if glibc:
+            raise UsageError("--glibc is for cross builds", "the CUDA build links this machine's own C library")
+        hb = _host(host_build, source, mla_patch, server=server, log=log, jobs=jobs or None,
+                   cuda=self.cuda_target(profile))
+        return Build(hb.key, hb.path, hb.manifest)
+
+    def target_manifest(self, profile: Profile, glibc: str = "") -> dict:
+        return {**super().target_manifest(profile, glibc), "toolchain": self.name}
+
+    def kernels(self, manifest: dict) -> list[str]:
+        return [f"CUDA sm_{manifest.get('cuda_arch', '?')} (CUDA {manifest.get('cuda_version', '?')})",
+                *super().kernels(manifest)]
+
+
+TOOLCHAINS: dict[str, Toolchain] = {t.name: t for t in (ZigToolchain(), NdkToolchain(), NativeToolchain(),
+                                                         CudaToolchain())}
 
 
 def toolchain_for(profile: Profile) -> Toolchain:

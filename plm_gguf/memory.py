@@ -104,16 +104,23 @@ def kv_cache_bytes(shape: ModelShape, layout: KVLayout, n_ctx: int, bytes_per_va
     return int(shape.n_layer * n_ctx * kv_values_per_token_layer(shape, layout) * bytes_per_value)
 
 
-def compute_bytes(shape: ModelShape, layout: KVLayout, ctx: int, flash_attn: bool = False) -> int:
-    """An estimate of llama.cpp's CPU compute buffer (f32 activations).
+def compute_bytes(shape: ModelShape, layout: KVLayout, ctx: int, flash_attn: bool = False, gpu: bool = False) -> int:
+    """An estimate of llama.cpp's compute buffer (f32 activations): the CPU's, or with every layer
+    offloaded (gpu=True) the GPU's.
 
     Without flash attention the KQ score matrix [ctx, ubatch, n_head] dominates at long contexts
     (flash attention works in tiles and keeps none); the rest is a few activations of width
-    n_embd / n_ff / cached key length per token of the micro-batch, plus logits.
+    n_embd / n_ff / cached key length per token of the micro-batch, plus logits. On CUDA the
+    graph is reserved with logits for the whole micro-batch ([n_vocab, ubatch]: 297 MiB for
+    PLM's 151,936 tokens), which the allocator does not hold at the same time as the attention
+    scores: the buffer is the larger of the two (measured on an H200: 300.8 MiB for PLM-1.8B at
+    ctx 4096, either layout).
     """
     scores = 0 if flash_attn else ctx * UBATCH * shape.n_head * 4
     key = shape.cached_key_length(KVLayout(layout))
     activations = UBATCH * 4 * (4 * shape.n_embd + 2 * shape.n_ff + 3 * shape.n_head * key)
+    if gpu:
+        return max(scores + activations, shape.n_vocab * UBATCH * 4) + 16 * MIB
     logits = shape.n_vocab * 4 * 2
     return scores + activations + logits + 16 * MIB
 
@@ -137,6 +144,7 @@ class MemoryPlan:
     headroom: int
     available: int
     flash_attn: bool = False  # llama.cpp runs with flash attention (no KQ score matrix in the compute buffer)
+    budget: str = "MemAvailable"  # what `available` is: the device's MemAvailable, or a GPU's free VRAM
 
     @property
     def needed(self) -> int:
@@ -150,7 +158,7 @@ class MemoryPlan:
         return (f"weights {_mib(self.weights)} MiB + KV cache {_mib(self.kv_cache)} MiB at ctx {self.ctx} "
                 f"+ compute {_mib(self.compute)} MiB{' (flash attention)' if self.flash_attn else ''} "
                 f"+ headroom {_mib(self.headroom)} MiB "
-                f"= {_mib(self.needed)} MiB vs MemAvailable {_mib(self.available)} MiB")
+                f"= {_mib(self.needed)} MiB vs {self.budget} {_mib(self.available)} MiB")
 
 
 def _mib(n: int) -> str:
@@ -159,10 +167,13 @@ def _mib(n: int) -> str:
 
 
 def plan(shape: ModelShape, layout: KVLayout, weights: int, ctx: int, available: int, headroom_mib: int,
-         flash_attn: bool = False) -> MemoryPlan:
-    """The memory llama.cpp needs for a file of WEIGHTS bytes at CTX, against AVAILABLE bytes."""
-    return MemoryPlan(ctx, weights, kv_cache_bytes(shape, layout, ctx), compute_bytes(shape, layout, ctx, flash_attn),
-                      headroom_mib * MIB, available, flash_attn)
+         flash_attn: bool = False, budget: str = "MemAvailable", gpu: bool = False) -> MemoryPlan:
+    """The memory llama.cpp needs for a file of WEIGHTS bytes at CTX, against AVAILABLE bytes (of
+    BUDGET). gpu=True: every layer offloaded, so weights, KV cache and the GPU's compute buffer
+    are all in the GPU's memory (BUDGET names it)."""
+    return MemoryPlan(ctx, weights, kv_cache_bytes(shape, layout, ctx),
+                      compute_bytes(shape, layout, ctx, flash_attn, gpu), headroom_mib * MIB, available, flash_attn,
+                      budget)
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,7 @@ class MemoryTarget:
     ctx: int  # the profile's
     source: str = ""  # where the numbers come from, for the report
     mla_patch: bool = True
+    gpu: str = ""  # every layer on this GPU: `available` is its free VRAM
 
     @property
     def budget_mib(self) -> float:
@@ -182,4 +194,5 @@ class MemoryTarget:
 
     def plan(self, shape: ModelShape, layout: KVLayout, weights: int) -> MemoryPlan:
         return plan(shape, layout, weights, default_ctx(self.ctx, shape.n_ctx_train), self.available,
-                    self.headroom_mib, flash_attn_auto(layout, self.mla_patch))
+                    self.headroom_mib, flash_attn_auto(layout, self.mla_patch),
+                    f"free VRAM of the {self.gpu}" if self.gpu else "MemAvailable", gpu=bool(self.gpu))

@@ -110,16 +110,26 @@ def _read_text(text: Path | None) -> tuple[str, str]:
 
 def _device_target(name: str | None, profile_file: Path | None = None, address: str = ""):
     """The device's side of deploy's memory plan (plm_gguf.memory.MemoryTarget): the profile's
-    headroom and ctx (what deploy runs at without --ctx) and the probed MemAvailable."""
-    from plm_gguf.devices.deploy import probe, resolve_profile
+    headroom and ctx (what deploy runs at without --ctx) and the probed MemAvailable, or for a
+    profile that offloads to a GPU, that GPU's free VRAM. With a GPU on this machine, also the
+    speed measurement there: (target, speed or None, where speed measures)."""
+    from plm_gguf.devices.checks import offload_gpu
+    from plm_gguf.devices.deploy import probe, resolve_profile, speed_here
     from plm_gguf.memory import MemoryTarget
 
     profile = resolve_profile(name or "host", str(profile_file) if profile_file else None, address)
     facts = probe(profile)
     label = name or str(profile_file)
-    return MemoryTarget(available=facts.mem_available, headroom_mib=profile.headroom_mib, ctx=profile.ctx,
-                        source=f"{label}: {facts.mem_available / 2**20:,.0f} MiB available - "
-                               f"{profile.headroom_mib} MiB headroom")
+    gpu = offload_gpu(profile.gpu_layers, facts, label)
+    available, what = (gpu.mem_free, f"MiB free VRAM on the {gpu.name}") if gpu else (facts.mem_available,
+                                                                                      "MiB available")
+    target = MemoryTarget(available=available, headroom_mib=profile.headroom_mib, ctx=profile.ctx,
+                          source=f"{label}: {available / 2**20:,.0f} {what} - {profile.headroom_mib} MiB headroom",
+                          gpu=gpu.name if gpu else "")
+    if gpu is None or profile.transport.kind != "local":
+        return target, None, ""
+    speed = speed_here(profile, log=lambda line: console.print(f"[dim]build[/] {escape(line)}"))
+    return target, speed, f"{gpu.name} (llama-bench, -ngl {profile.gpu_layers})"
 
 
 def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | None = None, corpus: str,
@@ -141,7 +151,7 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
                            kv_cache=kv_cache, replace=replace)
     origin = check_sweep(source, options)  # before the device is probed: a bad option costs nothing
     if any(device[:2]):
-        options.target = _device_target(*device)
+        options.target, options.speed, options.speed_on = _device_target(*device)
         options.budget_mib, options.budget_source = options.target.budget_mib, options.target.source
     done = [0]
 
@@ -172,6 +182,8 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
     result = run_sweep(source, options, on_event, origin)
     report = result.report
     console.print(rep.table(report, console.width))
+    if options.speed_on:
+        console.print(f"pp and tg t/s measured on the {escape(options.speed_on)}")
     for m in report.get("mixes_vs_stock", []):
         line = f"{m['recipe']}: {m['file_bytes'] / 2**20:,.1f} MiB, KL {m['kl_mean']:.4f}"
         if m["stock_base"]:

@@ -88,6 +88,9 @@ class SweepOptions:
     replace: bool = False  # replace results in `out` made from other inputs (--force); else refuse
     # a device (quantize --device): the recommendation is deploy's memory plan there, at its ctx
     target: MemoryTarget | None = None
+    # speed measured there (a GPU profile): file -> (prompt tok/s, generation tok/s); None: this CPU
+    speed: Callable[[Path], tuple[float, float]] | None = None
+    speed_on: str = ""  # where `speed` measures, for the report ("" with speed None: this machine's CPU)
 
     def __post_init__(self) -> None:
         self.kv_cache = parse_layout(self.kv_cache)  # (a str from a Python caller)
@@ -403,6 +406,9 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
     for recipe in options.recipes:
         row = sweep.report["rows"].get(recipe.name)
         if row and row.get("key") == recipe.key and (row["status"] == "failed" or _model_file(sweep, recipe).exists()):
+            if row["status"] == "ok" and row.get("speed_on", "") != options.speed_on:  # only the speed is new
+                _device_speed(sweep, row, _model_file(sweep, recipe))
+                sweep.save()
             on_event("skip", row)
             continue
         unmatched = unmatched_overrides(recipe, sweep.tensor_names)
@@ -526,7 +532,17 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
                                                        "kv_mib_expected", "compute_mib") if k in scored})
     row["ppl_ratio"] = row["ppl"] / ref["ppl"]
     row["memory_mib"] = row["file_bytes"] / 2**20 + row.get("kv_mib", row["kv_mib_expected"]) + row.get("compute_mib", 0)
+    row["speed_on"] = ""
+    _device_speed(sweep, row, target)
     return row
+
+
+def _device_speed(sweep: Sweep, row: dict, model: Path) -> None:
+    """Replace the row's speed (this CPU's, from scoring) with the device's, where one is asked for."""
+    if sweep.options.speed is None:
+        return
+    row["prompt_tps"], row["gen_tps"] = sweep.options.speed(model)
+    row["speed_on"] = sweep.options.speed_on
 
 
 def unmatched_overrides(recipe: Recipe, tensor_names: list[str]) -> list[str]:

@@ -204,3 +204,28 @@ def test_imatrix_has_the_latent_layouts_per_head_slices(tmp_path):
     assert v_b.shape == (c.kv_lora_rank * c.n_head,) and k_b.shape == (c.qk_nope_head_dim * c.n_head,)
     np.testing.assert_array_equal(v_b[: c.kv_lora_rank], full["blk.0.attn_kv_b.weight"])
     assert np.all(k_b > 0) and not np.allclose(k_b[: c.qk_nope_head_dim], k_b[c.qk_nope_head_dim: 2 * c.qk_nope_head_dim])
+
+
+@pytest.mark.slow
+def test_a_device_speed_replaces_this_cpus_and_is_measured_again_for_kept_rows(sweep_dir, tmp_path):
+    """--device with a GPU here: each recipe's speed comes from the device (deploy.speed_here),
+    and a rerun that keeps the measured rows measures only their speed there."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(sweep_dir, out)
+    timed = []
+
+    def speed(model: Path) -> tuple[float, float]:
+        timed.append(model.name)
+        return 1234.5, 67.8
+
+    recipes = stock_recipes(["q8_0", "q4_0"])
+    run_sweep(str(TRAINED), _options(out, recipes, budget_mib=64.0, budget_source="test", speed=speed,
+                                     speed_on="test GPU (llama-bench, -ngl 999)"))
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert sorted(timed) == ["q4_0.gguf", "q8_0.gguf"]  # the kept rows: only their speed was measured
+    for name in ("q8_0", "q4_0"):
+        assert (rows[name]["prompt_tps"], rows[name]["gen_tps"]) == (1234.5, 67.8)
+        assert rows[name]["speed_on"] == "test GPU (llama-bench, -ngl 999)"
+    assert rows["q2_k"].get("speed_on", "") == ""  # not in this run: its CPU speed stays, and says so

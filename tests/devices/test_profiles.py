@@ -10,7 +10,7 @@ from plm_gguf.errors import DeviceError, UsageError
 
 from .conftest import write_profile
 
-SHIPPED = ["android", "android-i8mm", "host", "linux-aarch64", "rpi-zero2w", "rpi4", "rpi5"]
+SHIPPED = ["android", "android-i8mm", "cuda", "cuda-remote", "host", "linux-aarch64", "rpi-zero2w", "rpi4", "rpi5"]
 
 
 def test_shipped_profiles_load_and_are_consistent():

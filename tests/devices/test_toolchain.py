@@ -141,15 +141,16 @@ def test_toolchains_are_chosen_by_the_profile(tmp_path, monkeypatch):
     from plm_gguf.errors import DeviceError
 
     monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
-    assert set(toolchain.TOOLCHAINS) == {"zig", "ndk", "native"}
+    assert set(toolchain.TOOLCHAINS) == {"zig", "ndk", "native", "cuda"}
     assert all(isinstance(t, toolchain.Toolchain) and t.name == n for n, t in toolchain.TOOLCHAINS.items())
     assert isinstance(toolchain.toolchain_for(load_profile("rpi5")), toolchain.ZigToolchain)
     assert isinstance(toolchain.toolchain_for(load_profile("host")), toolchain.NativeToolchain)
-    odd = replace(load_profile("rpi5"), target=replace(load_profile("rpi5").target, toolchain="cuda"))
-    with pytest.raises(DeviceError, match="toolchain 'cuda'") as err:
+    assert isinstance(toolchain.toolchain_for(load_profile("cuda")), toolchain.CudaToolchain)
+    odd = replace(load_profile("rpi5"), target=replace(load_profile("rpi5").target, toolchain="vulkan"))
+    with pytest.raises(DeviceError, match="toolchain 'vulkan'") as err:
         toolchain.build_key(odd, tmp_path, "lcpX")
-    assert "zig, ndk, native" in err.value.hint
-    with pytest.raises(DeviceError, match="toolchain 'cuda'"):
+    assert "zig, ndk, native, cuda" in err.value.hint
+    with pytest.raises(DeviceError, match="toolchain 'vulkan'"):
         toolchain.build(odd, tmp_path)
     rpi5 = toolchain.target_manifest(load_profile("rpi5"), "2.36")
     assert (rpi5["toolchain"], rpi5["arch"], rpi5["glibc"], rpi5["max_page_size"]) == ("zig", "aarch64", "2.36", 16384)

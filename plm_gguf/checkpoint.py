@@ -25,6 +25,7 @@ import numpy as np
 
 from plm_gguf.errors import CheckpointError
 from plm_gguf.qtypes import bf16_to_f32
+from plm_gguf.options import is_int
 from plm_gguf.schema import TIED_OUTPUT, PLMConfig, TensorSpec, tensor_table
 
 # Storage dtypes we accept, by their safetensors names.
@@ -156,9 +157,9 @@ def _safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
         if dtype not in _ST_ITEMSIZE:
             raise CheckpointError(f"{file.name}: {name} is stored as {dtype!r}, a dtype plm-gguf does not know",
                                   "export the checkpoint in bf16, f16 or f32")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise bad(f"{name} has shape {shape!r}; a shape is a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
             raise bad(f"{name} has data_offsets {offsets!r}; they are two integers [begin, end]")
         begin, end = offsets
         if not 0 <= begin <= end:
@@ -189,10 +190,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"name {duplicate!r} appears twice")
     return dict(pairs)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _safetensors_refs(file: Path) -> Iterator[TensorRef]:

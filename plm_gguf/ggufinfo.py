@@ -21,6 +21,7 @@ from gguf import GGUFValueType as VT
 
 from plm_gguf.errors import UsageError
 from plm_gguf.qtypes import bf16_to_f32
+from plm_gguf.options import is_int
 
 _SCALARS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
             VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
@@ -60,7 +61,7 @@ class GGUFInfo:
         if key not in self.fields:
             raise GGUFFormatError(f"key {key} is missing")
         value = self.fields[key]
-        ok = (_is_int(value) if kind is int else
+        ok = (is_int(value) if kind is int else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, kind))
         if not ok:
@@ -162,7 +163,7 @@ def _parse(path: Path, buf: mmap.mmap, wanted: set[str]) -> GGUFInfo:
         pos += 4 + 8 * n_dims + 12
         infos.append((name, tuple(reversed(dims)), QT(qtype), offset))
     align = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not _is_int(align) or align <= 0 or align & (align - 1):
+    if not is_int(align) or align <= 0 or align & (align - 1):
         raise GGUFFormatError(f"general.alignment is {align!r}, not a power of two")
     data_start = pos + (-pos) % align
     tensors = {}
@@ -180,10 +181,6 @@ def _parse(path: Path, buf: mmap.mmap, wanted: set[str]) -> GGUFInfo:
                                   f"or runs past the end of the file")
         tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, n_bytes)
     return GGUFInfo(path, fields, tensors)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_plm_gguf(path: Path | str, arrays: tuple[str, ...] = ()) -> GGUFInfo:

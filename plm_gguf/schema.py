@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 
 from plm_gguf.errors import CheckpointError
+from plm_gguf.options import is_int
 
 PLM_ARCHITECTURE = "PLMForCausalLM"
 
@@ -168,7 +169,7 @@ def _check_types(raw: dict, source: str) -> None:
 
     for key, (low, high) in _INT_RANGES.items():
         value = raw.get(key)
-        if value is not None and not (_is_int(value) and low <= value <= high):
+        if value is not None and not (is_int(value) and low <= value <= high):
             raise bad(key, f"an integer from {low} to {high:,}")
     if raw["qk_rope_head_dim"] % 2:
         raise bad("qk_rope_head_dim", "even (rotary embeddings turn pairs of dimensions)")
@@ -185,12 +186,8 @@ def _check_types(raw: dict, source: str) -> None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = raw.get(key)
         ids = value if isinstance(value, list) and value else [value]
-        if value is not None and not all(_is_int(i) and 0 <= i < raw["vocab_size"] for i in ids):
+        if value is not None and not all(is_int(i) and 0 <= i < raw["vocab_size"] for i in ids):
             raise bad(key, f"a token id from 0 to {raw['vocab_size'] - 1} (or a list of them)")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_gguf(path: Path) -> PLMConfig:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pty
 import re
-import secrets
 import select
 import shlex
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from plm_gguf.errors import DeviceError, UsageError
+from plm_gguf.outputs import partial_path
 
 from .profiles import CONTROL_CHAR, Profile, TransportSpec
 
@@ -126,13 +126,10 @@ def _local_errors(what: str) -> Iterator[None]:
 def _download(local: Path) -> Iterator[Path]:
     """A fresh temporary name beside `local` that becomes `local` when the block ends without an
     error; on any error (an interrupt too) the temporary is removed and `local` is left as it was."""
-    tmp = local.with_name(f".{local.name}.{secrets.token_hex(4)}.partial")
-    try:
+    with partial_path(local) as tmp:
         yield tmp
         with _local_errors(f"saving {local}"):
             os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _exec(argv: list[str], what: str, timeout: float, check: bool, stdin=None, input_text=None,

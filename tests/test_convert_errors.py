@@ -160,13 +160,9 @@ def test_existing_output_needs_force(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_nothing(tmp_path):
+def test_ctrl_c_leaves_nothing(tmp_path, big_checkpoint):
     """SIGINT while the file is being written: exit 130, a clean message, no partial file."""
-    from plm_gguf.fixtures.checkpoint import tiny_config
-
-    big = tiny_config(hidden_size=1024, num_hidden_layers=8, intermediate_size=4096, num_attention_heads=8,
-                      kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=32768)
-    ckpt = write_tiny_checkpoint(tmp_path / "big", big)
+    ckpt = big_checkpoint
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "plm_gguf.cli", "convert", str(ckpt), "--outtype", "q4_k_m",

@@ -385,15 +385,6 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory) -> Path:
-    from plm_gguf.fixtures.checkpoint import tiny_config
-
-    big = tiny_config(hidden_size=1024, num_hidden_layers=8, intermediate_size=4096, num_attention_heads=8,
-                      kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=32768)
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("big") / "big", big)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_sigterm_and_sighup_end_children_and_leave_nothing(tmp_path, big_checkpoint, sig):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from plm_gguf.errors import DeviceError, UsageError
 from plm_gguf.ggufinfo import GGUFFormatError, read_gguf_info
-from plm_gguf.memory import MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash_attn_auto, layout_of, plan  # noqa: F401
+from plm_gguf.memory import (  # noqa: F401
+    CACHE_TYPES, FLOAT_CACHE_TYPES, MIB, UBATCH, KVLayout, MemoryPlan, ModelShape, flash_attn_auto, layout_of, plan)
 from plm_gguf.schema import PLMConfig, config_from_gguf
 
 from .facts import SPEED_FEATURES, DeviceFacts
@@ -108,13 +109,14 @@ def _plm_model(path: Path, c: PLMConfig, layout: KVLayout) -> ModelInfo:
 
 
 def plan_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
-                flash_attn: bool = False, gpu: GpuInfo | None = None) -> MemoryPlan:
+                flash_attn: bool = False, gpu: GpuInfo | None = None, cache_type: str = "f16") -> MemoryPlan:
     """The core's memory plan (plm_gguf.memory.plan) for MODEL on the device FACTS describe: in its
     MemAvailable, or with every layer on GPU, in that GPU's free VRAM."""
     if gpu is not None:
         return plan(model.shape, model.layout, model.size, ctx, gpu.mem_free, headroom_mib, flash_attn,
-                    f"free VRAM of the {gpu.name}", gpu=True)
-    return plan(model.shape, model.layout, model.size, ctx, facts.mem_available, headroom_mib, flash_attn)
+                    f"free VRAM of the {gpu.name}", gpu=True, cache_type=cache_type)
+    return plan(model.shape, model.layout, model.size, ctx, facts.mem_available, headroom_mib, flash_attn,
+                cache_type=cache_type)
 
 
 def offload_gpu(gpu_layers: int, facts: DeviceFacts, where: str) -> GpuInfo | None:
@@ -128,13 +130,38 @@ def offload_gpu(gpu_layers: int, facts: DeviceFacts, where: str) -> GpuInfo | No
 
 
 def largest_fitting_ctx(model: ModelInfo, facts: DeviceFacts, headroom_mib: int, upto: int,
-                        flash_attn: bool = False, gpu: GpuInfo | None = None) -> int:
+                        flash_attn: bool = False, gpu: GpuInfo | None = None, cache_type: str = "f16") -> int:
     ctx = upto
     while ctx >= 256:
-        if plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu).fits:
+        if plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu, cache_type).fits:
             return ctx
         ctx = ctx - 256 if ctx % 256 == 0 else ctx // 256 * 256
     return 0
+
+
+def check_cache_type(model: ModelInfo, cache_type: str, flash_attn: bool) -> None:
+    """-ctk/-ctv for the file: a type llama.cpp has; a quantized cache only with flash attention
+    (llama.cpp quantizes V only there, and a latent file's V is a view of its K: both or neither)."""
+    if cache_type not in CACHE_TYPES:
+        raise UsageError(f"--cache-type {cache_type!r} is not a KV-cache type llama.cpp has",
+                         f"use one of {', '.join(CACHE_TYPES)}")
+    if cache_type in FLOAT_CACHE_TYPES:
+        return
+    key = model.shape.cached_key_length(model.layout)
+    value = model.kv_lora_rank if model.latent else model.value_length
+    odd = [f"{what} {n}" for what, n in (("key", key), ("value", value)) if n % 32]
+    if odd:  # llama.cpp: "K cache type q8_0 with block size 32 does not divide n_embd_head_k"
+        raise DeviceError(f"a {cache_type} KV cache stores blocks of 32 values, and this file's cached "
+                          f"{' and '.join(odd)} values per head are not a multiple of 32", "keep --cache-type f16")
+    if flash_attn:
+        return
+    if not model.latent:
+        raise DeviceError(f"a {cache_type} KV cache needs flash attention, which llama.cpp cannot run on a "
+                          "stock-layout PLM file (it aborts)",
+                          "convert with --kv-cache latent (its cache is 8.9x smaller, and takes q8_0 with flash "
+                          "attention), or keep --cache-type f16")
+    raise DeviceError(f"a {cache_type} KV cache needs flash attention, and --flash-attn is off",
+                      "use --flash-attn auto (on for latent files), or --cache-type f16")
 
 
 def check_layout(model: ModelInfo, mla_patch: bool) -> None:
@@ -168,14 +195,15 @@ def resolve_flash_attn(model: ModelInfo, mode: str, mla_patch: bool = True) -> b
 
 
 def check_memory(model: ModelInfo, ctx: int, facts: DeviceFacts, headroom_mib: int,
-                 latent_runs: bool = True, flash_attn: bool = False, gpu: GpuInfo | None = None) -> MemoryPlan:
+                 latent_runs: bool = True, flash_attn: bool = False, gpu: GpuInfo | None = None,
+                 cache_type: str = "f16") -> MemoryPlan:
     """Refuse a plan that does not fit; the hint names the largest ctx that does and, for a stock
     file, what the latent layout would need (latent_runs: the build runs latent files, with
     flash attention as auto would choose)."""
-    plan = plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu)
+    plan = plan_memory(model, ctx, facts, headroom_mib, flash_attn, gpu, cache_type)
     if plan.fits:
         return plan
-    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1, flash_attn, gpu)
+    smaller = largest_fitting_ctx(model, facts, headroom_mib, ctx - 1, flash_attn, gpu, cache_type)
     hint = (f"use --ctx {smaller} (fits)" if smaller else
             "even ctx 256 does not fit: use a smaller quantization (e.g. Q4_0) or free memory on the device")
     latent = model.as_latent() if latent_runs else None

@@ -126,6 +126,9 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
                                               help="Flash attention: auto is on for --kv-cache latent files "
                                                    "(their fastest path) and off for stock ones, where it aborts "
                                                    "llama.cpp."),
+               cache_type: str = typer.Option("f16", "--cache-type", metavar="TYPE",
+                                              help="KV-cache type, K and V alike (-ctk/-ctv): f16, q8_0, q4_0, ...; "
+                                                   "a quantized cache needs flash attention (latent files)."),
                exec_wrapper: Optional[str] = typer.Option(None, "--exec-wrapper", help="e.g. qemu-aarch64-static")
                ) -> None:
     """Check, push and smoke-test MODEL on a device; optionally bench it and serve it."""
@@ -135,7 +138,8 @@ def cmd_deploy(model: Path = typer.Argument(..., help="The .gguf file."), device
     r = deploy(model, profile=_profile(device, profile_file, address, exec_wrapper), ctx=ctx, threads=threads,
                bench=bench or bool(bench_depth), bench_prompt=bench_prompt, bench_gen=bench_gen,
                bench_depths=parse_depths(bench_depth), serve_port=serve, forward_port=forward_port, llama_cpp=llama_cpp, glibc=glibc,
-               mla_patch=mla_patch, flash_attn=flash_attn, progress=progress, meter=UploadMeter(console))
+               mla_patch=mla_patch, flash_attn=flash_attn, cache_type=cache_type, progress=progress,
+               meter=UploadMeter(console))
     print_deploy(r)
 
 

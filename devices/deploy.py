@@ -300,12 +300,14 @@ def target_manifest(profile: Profile, glibc: str = "") -> dict:
 
 
 def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx: int | None,
-              glibc: str = "", mla_patch: bool = True, flash_attn: str = "auto"
+              glibc: str = "", mla_patch: bool = True, flash_attn: str = "auto", cache_type: str = "f16"
               ) -> tuple[int, checks.MemoryPlan, list[str]]:
     """All refusals before anything is built or sent: (ctx, memory plan, warnings). The plan says
-    whether llama.cpp runs with flash attention (`flash_attn`: auto, on or off)."""
+    whether llama.cpp runs with flash attention (`flash_attn`: auto, on or off) and the KV
+    cache's type (`cache_type`, K and V alike)."""
     checks.check_layout(model, mla_patch)
     use_flash_attn = checks.resolve_flash_attn(model, flash_attn, mla_patch)
+    checks.check_cache_type(model, cache_type, use_flash_attn)
     manifest = target_manifest(profile, glibc)
     wrapped = bool(profile.exec_wrapper)
     checks.check_arch(manifest, facts, wrapped)
@@ -326,7 +328,7 @@ def preflight(profile: Profile, facts: DeviceFacts, model: checks.ModelInfo, ctx
         raise UsageError(f"--ctx {ctx} is too small", "use --ctx 256 or more")
     gpu = checks.offload_gpu(profile.gpu_layers, facts, profile.name)
     plan = checks.check_memory(model, ctx, facts, profile.headroom_mib, latent_runs=mla_patch,
-                               flash_attn=use_flash_attn, gpu=gpu)
+                               flash_attn=use_flash_attn, gpu=gpu, cache_type=cache_type)
     return ctx, plan, warnings
 
 
@@ -336,7 +338,8 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
            llama_cpp: str | Path | None = None, glibc: str = "",
            bench_prompt: int = 64, bench_gen: int = 16, bench_depths: tuple[int, ...] = (), smoke: bool = True,
            mla_patch: bool = True,
-           flash_attn: str = "auto", progress: Progress | None = None, meter: Meter | None = None) -> DeployResult:
+           flash_attn: str = "auto", cache_type: str = "f16", progress: Progress | None = None,
+           meter: Meter | None = None) -> DeployResult:
     """Put llama.cpp (with plm-gguf's patches unless mla_patch=False) and the model on the
     device and prove they run there. flash_attn: auto (on for latent-layout files), on or off.
     meter shows each upload's progress (devices/meter.py; None: only the `put` event)."""
@@ -350,7 +353,7 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     progress("probe", transport.describe())
     facts = probe(profile, transport)
     folder = install_folder(profile, facts)
-    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch, flash_attn)
+    ctx, plan, warnings = preflight(profile, facts, model, ctx, glibc, mla_patch, flash_attn, cache_type)
     writable_manifest(transport, folder, [model.path.name])  # a folder deploy may not fill: refused before building
     n_threads = threads or checks.default_threads(profile.threads, facts)
     progress("build", profile.name)
@@ -370,16 +373,17 @@ def deploy(model_path: str | Path, profile_name: str = "host", *, profile: Profi
     if smoke:
         progress("smoke", "llama-completion")
         ran = smoke_test(transport, profile, folder, result.model_remote, ctx, n_threads,
-                         flash_attn=plan.flash_attn, manifest=built.manifest)
+                         flash_attn=plan.flash_attn, manifest=built.manifest, cache_type=cache_type)
         result.smoke_output, result.buffers = ran.text, ran.buffers
     if bench:
         progress("bench", f"llama-bench -p {bench_prompt} -n {bench_gen} -t {n_threads}")
         result.bench = run_bench(transport, profile, folder, result.model_remote, n_threads, bench_prompt, bench_gen,
-                                 flash_attn=plan.flash_attn, manifest=built.manifest, depths=bench_depths)
+                                 flash_attn=plan.flash_attn, manifest=built.manifest, depths=bench_depths,
+                                 cache_type=cache_type)
     if serve_port:
         progress("serve", f"llama-server on 127.0.0.1:{serve_port}")
         result.server = start_server(transport, profile, folder, result.model_remote, ctx, n_threads, serve_port,
-                                     forward_port, flash_attn=plan.flash_attn)
+                                     forward_port, flash_attn=plan.flash_attn, cache_type=cache_type)
     return result
 
 

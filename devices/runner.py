@@ -101,6 +101,11 @@ def _fa(flash_attn: bool, on: str = "on", off: str = "off") -> str:
     return on if flash_attn else off
 
 
+def _cache(cache_type: str) -> list[str]:
+    """-ctk and -ctv together (a latent file's V is a view of its K: llama.cpp wants them equal)."""
+    return [] if cache_type == "f16" else ["-ctk", cache_type, "-ctv", cache_type]
+
+
 def _ngl(profile: Profile) -> list[str]:
     """-ngl for a profile that offloads layers to a GPU; nothing for a CPU profile."""
     return ["-ngl", str(profile.gpu_layers)] if profile.gpu_layers > 0 else []
@@ -127,11 +132,12 @@ class SmokeResult:
 
 
 def smoke_test(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-               n_predict: int = 8, flash_attn: bool = False, manifest: dict | None = None) -> SmokeResult:
+               n_predict: int = 8, flash_attn: bool = False, manifest: dict | None = None,
+               cache_type: str = "f16") -> SmokeResult:
     """A short greedy generation: the text printed (prompt and continuation) and the buffers llama.cpp reported."""
     cmd = exec_argv(profile, f"{folder}/llama-completion", "-m", model, "-p", SMOKE_PROMPT, "-n", str(n_predict),
                     "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), "-no-cnv", "--temp", "0", "-s", "1",
-                    "-lv", "4", *_ngl(profile))  # -lv 4: the load log names each buffer's size
+                    "-lv", "4", *_ngl(profile), *_cache(cache_type))  # -lv 4: the load log names each buffer's size
     for _ in range(SMOKE_ATTEMPTS):
         result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=600, check=False)
         if not result.ok:
@@ -168,12 +174,12 @@ def parse_bench_json(text: str) -> tuple[float, float, int, int, int, list]:
 
 def run_bench(transport: Transport, profile: Profile, folder: str, model: str, threads: int,
               n_prompt: int = 64, n_gen: int = 16, reps: int = 2, flash_attn: bool = False,
-              manifest: dict | None = None, depths: tuple[int, ...] = ()) -> BenchResult:
+              manifest: dict | None = None, depths: tuple[int, ...] = (), cache_type: str = "f16") -> BenchResult:
     """llama-bench: pp N_PROMPT and tg N_GEN, at each of DEPTHS tokens already in the cache (-d)."""
     before = read_temperature(transport)
     cmd = exec_argv(profile, f"{folder}/llama-bench", "-m", model, "-t", str(threads), "-p", str(n_prompt),
                     "-n", str(n_gen), "-r", str(reps), "-fa", _fa(flash_attn, "1", "0"), "-o", "json",
-                    *_ngl(profile), *(["-d", ",".join(map(str, depths))] if depths else []))
+                    *_ngl(profile), *_cache(cache_type), *(["-d", ",".join(map(str, depths))] if depths else []))
     result = transport.run(f"cd {sh(folder)} && {cmd} </dev/null", timeout=1800, check=False)
     if not result.ok:
         raise _fail("llama-bench", result, profile, manifest)
@@ -183,11 +189,12 @@ def run_bench(transport: Transport, profile: Profile, folder: str, model: str, t
 
 
 def start_server(transport: Transport, profile: Profile, folder: str, model: str, ctx: int, threads: int,
-                 port: int, forward_port: int | None = None, flash_attn: bool = False) -> ServerInfo:
+                 port: int, forward_port: int | None = None, flash_attn: bool = False,
+                 cache_type: str = "f16") -> ServerInfo:
     """llama-server bound to 127.0.0.1 under nohup; then the forward that makes it reachable here."""
     stop_server(transport, folder)  # a server this tool started before; the forward is rebound below
     cmd = exec_argv(profile, f"{folder}/{SERVER}", "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), *_ngl(profile))
+                    "-c", str(ctx), "-t", str(threads), "-fa", _fa(flash_attn), *_ngl(profile), *_cache(cache_type))
     # `cd || exit` on its own: `cd && nohup ... &` would background a subshell holding the session open.
     pidfile = sh(f"{folder}/server.pid")
     script = (f"cd {sh(folder)} || exit 1; nohup {cmd} > server.log 2>&1 < /dev/null & echo $! > {pidfile};"

@@ -23,6 +23,10 @@ from plm_gguf.ggufinfo import read_plm_gguf
 MIB = 1024 * 1024
 UBATCH = 512  # llama.cpp's default micro-batch: sets the size of the compute buffer
 CACHE_BYTES = 2  # f16 K and V, as llama.cpp runs by default
+# bytes per cached value of each KV-cache type llama.cpp takes (-ctk/-ctv): blocks of 32 values
+CACHE_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+               "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
 MLA_KEY = "attention.key_length_mla"  # written only in the latent layout
 
 
@@ -145,6 +149,7 @@ class MemoryPlan:
     available: int
     flash_attn: bool = False  # llama.cpp runs with flash attention (no KQ score matrix in the compute buffer)
     budget: str = "MemAvailable"  # what `available` is: the device's MemAvailable, or a GPU's free VRAM
+    cache_type: str = "f16"  # the KV cache's type (-ctk and -ctv)
 
     @property
     def needed(self) -> int:
@@ -155,7 +160,8 @@ class MemoryPlan:
         return self.needed <= self.available
 
     def describe(self) -> str:
-        return (f"weights {_mib(self.weights)} MiB + KV cache {_mib(self.kv_cache)} MiB at ctx {self.ctx} "
+        cache = "" if self.cache_type == "f16" else f" ({self.cache_type})"
+        return (f"weights {_mib(self.weights)} MiB + KV cache{cache} {_mib(self.kv_cache)} MiB at ctx {self.ctx} "
                 f"+ compute {_mib(self.compute)} MiB{' (flash attention)' if self.flash_attn else ''} "
                 f"+ headroom {_mib(self.headroom)} MiB "
                 f"= {_mib(self.needed)} MiB vs {self.budget} {_mib(self.available)} MiB")
@@ -167,13 +173,14 @@ def _mib(n: int) -> str:
 
 
 def plan(shape: ModelShape, layout: KVLayout, weights: int, ctx: int, available: int, headroom_mib: int,
-         flash_attn: bool = False, budget: str = "MemAvailable", gpu: bool = False) -> MemoryPlan:
+         flash_attn: bool = False, budget: str = "MemAvailable", gpu: bool = False, cache_type: str = "f16"
+         ) -> MemoryPlan:
     """The memory llama.cpp needs for a file of WEIGHTS bytes at CTX, against AVAILABLE bytes (of
     BUDGET). gpu=True: every layer offloaded, so weights, KV cache and the GPU's compute buffer
     are all in the GPU's memory (BUDGET names it)."""
-    return MemoryPlan(ctx, weights, kv_cache_bytes(shape, layout, ctx),
+    return MemoryPlan(ctx, weights, kv_cache_bytes(shape, layout, ctx, CACHE_TYPES[cache_type]),
                       compute_bytes(shape, layout, ctx, flash_attn, gpu), headroom_mib * MIB, available, flash_attn,
-                      budget)
+                      budget, cache_type)
 
 
 @dataclass(frozen=True)

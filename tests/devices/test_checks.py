@@ -160,3 +160,20 @@ def test_flash_attention_keeps_no_score_matrix_in_the_compute_buffer():
     assert scores == 128 * MIB
     assert compute_bytes(latent.shape, latent.layout, 4096) - compute_bytes(latent.shape, latent.layout, 4096, flash_attn=True) == scores
     assert compute_bytes(latent.shape, latent.layout, 512, flash_attn=True) == compute_bytes(latent.shape, latent.layout, 4096, flash_attn=True)
+
+
+def test_a_quantized_cache_is_planned_and_needs_flash_attention():
+    latent = PLM_1_8B_Q4KM_MLA.as_latent()
+    f16 = checks.plan_memory(latent, 4096, recorded_facts("rpi5"), 384, flash_attn=True)
+    q8 = checks.plan_memory(latent, 4096, recorded_facts("rpi5"), 384, flash_attn=True, cache_type="q8_0")
+    assert f16.kv_cache == 144 * MIB and q8.kv_cache == 144 * MIB * 34 // 64  # 34 bytes per 32 values
+    assert "KV cache (q8_0) 76 MiB" in q8.describe()  # 76.5
+    checks.check_cache_type(latent, "q8_0", flash_attn=True)
+    with pytest.raises(DeviceError, match="stock-layout") as err:
+        checks.check_cache_type(PLM_1_8B_Q4KM, "q8_0", flash_attn=False)
+    assert "--kv-cache latent" in err.value.hint
+    with pytest.raises(DeviceError, match="--flash-attn is off"):
+        checks.check_cache_type(latent, "q4_0", flash_attn=False)
+    with pytest.raises(UsageError, match="not a KV-cache type"):
+        checks.check_cache_type(latent, "q3_k", flash_attn=True)
+    checks.check_cache_type(PLM_1_8B_Q4KM, "f32", flash_attn=False)

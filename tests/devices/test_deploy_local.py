@@ -6,6 +6,7 @@ import pytest
 
 from plm_gguf.devices import toolchain
 from plm_gguf.devices.deploy import deploy, undeploy
+from plm_gguf.errors import DeviceError
 
 from .conftest import run_cli, write_profile
 
@@ -93,3 +94,29 @@ def test_cli_devices_list_show_probe():
 def test_cli_build_reuses_the_cache(host_build):
     out = run_cli("build", "--device", "host")
     assert out.returncode == 0 and host_build.key in out.stdout and "llama-completion" in out.stdout
+
+
+def test_a_latent_file_with_a_q8_0_cache_runs_and_llama_cpp_allocates_the_planned_cache(mla_pair, tmp_path,
+                                                                                       monkeypatch):
+    """--cache-type q8_0 on a latent file: -ctk and -ctv together, flash attention on; the KV
+    buffer llama.cpp reports is the plan's (1 layer x 256 tokens x (256 + 32) values x 34/32
+    bytes). The trained fixture's 256 + 16 cached values are refused: llama.cpp needs blocks of 32."""
+    from plm_gguf.convert.mla import rewrite_to_latent
+    from plm_gguf.fixtures.gguf_file import write_tiny_plm_gguf
+    from plm_gguf.llama.host import SELF_CHECK_MODEL
+
+    monkeypatch.setenv("PLM_GGUF_CACHE", str(toolchain.cache_dir()))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DeviceError, match="not a multiple of 32"):
+        deploy(mla_pair[1], profile_name="host", ctx=256, cache_type="q8_0")
+    stock = write_tiny_plm_gguf(tmp_path / "stock.gguf", seed=5, **SELF_CHECK_MODEL)  # kv_lora 256, rope 32
+    latent = rewrite_to_latent(stock, tmp_path / "latent.gguf")
+    result = deploy(latent, profile_name="host", ctx=256, cache_type="q8_0", bench=True, bench_prompt=16, bench_gen=4)
+    try:
+        assert result.memory.cache_type == "q8_0" and result.memory.flash_attn
+        assert result.memory.kv_cache == 1 * 256 * (256 + 32) * 34 // 32
+        assert result.buffers["CPU KV"] == pytest.approx(result.memory.kv_cache / 2**20, abs=0.01)
+        assert result.smoke_output.startswith("The capital of France is")
+        assert all(r["type_k"] == r["type_v"] == "q8_0" for r in result.bench.raw)
+    finally:
+        undeploy("host")

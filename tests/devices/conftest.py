@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,21 @@ def emulated_pi(aarch64_build):
     yield machine
     if not was_running:
         assert emulator.stop("rpi5")
+
+
+def wait_http(url: str, timeout: float = 60.0) -> int:
+    """GET url until it answers 200 or TIMEOUT seconds pass; the last status seen (0: none)."""
+    deadline, status = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                status = resp.status
+                if status == 200:
+                    return status
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return status
 
 
 def write_profile(folder: Path, name: str, body: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.request
 
 import pytest
@@ -15,7 +14,7 @@ from plm_gguf.devices.profiles import load_profile
 from plm_gguf.devices.runner import stop_server
 from plm_gguf.devices.transports import connect
 
-from .conftest import run_cli, write_profile
+from .conftest import run_cli, wait_http, write_profile
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 
@@ -78,21 +77,6 @@ def test_a_corrupt_partial_upload_is_replaced_not_resumed(ssh_profile, tiny_gguf
     assert (install / tiny_gguf.name).read_bytes() == tiny_gguf.read_bytes()
 
 
-def _get(url: str, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    status = 0
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                status = resp.status
-                if status == 200:
-                    return status
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return status
-
-
 def test_serve_then_undeploy_removes_everything(ssh_profile, tiny_gguf, request):
     from .sshd import _free_port
 
@@ -101,7 +85,7 @@ def test_serve_then_undeploy_removes_everything(ssh_profile, tiny_gguf, request)
     port = _free_port()
     result = deploy(tiny_gguf, profile=profile, smoke=False, serve_port=port)
     assert result.server.forward.startswith("ssh ") and f"{port}:127.0.0.1:{port}" in result.server.forward
-    assert _get(f"http://127.0.0.1:{port}/health") == 200  # sshd is on loopback: no tunnel needed here
+    assert wait_http(f"http://127.0.0.1:{port}/health") == 200  # sshd is on loopback: no tunnel needed here
     assert "llama-server" in built(result.build_key)  # the host build adds it for a deploy that serves
     removed = undeploy(profile=profile)
     assert sorted(removed) == sorted(built(result.build_key) + [tiny_gguf.name, "server.log", "server.pid"])

@@ -5,12 +5,11 @@ what the emulated CPU refuses."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from plm_gguf.devices.deploy import deploy, resolve_profile, undeploy
 from plm_gguf.devices.transports import connect, exec_argv, sh
 from plm_gguf.errors import DeviceError
 
-from .conftest import MLA_PROMPT, N_PREDICT, run_cli, write_profile
+from .conftest import MLA_PROMPT, N_PREDICT, run_cli, wait_http, write_profile
 from .elf import EM_AARCH64, elf_summary
 from .sshd import _free_port
 
@@ -40,20 +39,6 @@ def pi(emulated_pi, profile_dir, tmp_path):
 
 def _on_pi(profile, script: str, check: bool = True):
     return connect(profile).run(script, timeout=600, check=check)
-
-
-def _get(url: str, timeout: float = 120.0) -> int:
-    deadline, status = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                status = resp.status
-                if status == 200:
-                    return status
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return status
 
 
 def test_probe_sees_the_recorded_pi(emulated_pi):
@@ -82,7 +67,7 @@ def test_static_build_deploys_benches_serves_and_undeploys(pi, aarch64_build, ti
         tunnel = subprocess.Popen(shlex.split(result.server.forward), stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            assert _get(f"http://127.0.0.1:{local}/health") == 200
+            assert wait_http(f"http://127.0.0.1:{local}/health", timeout=120) == 200
         finally:
             tunnel.terminate()
             tunnel.wait(timeout=10)
@@ -108,8 +93,6 @@ def test_an_interrupted_upload_resumes_and_is_sha256_checked(pi, aarch64_build, 
     resumed = deploy(tiny_gguf, profile=pi, smoke=False)
     assert resumed.sent == [tiny_gguf.name] and resumed.resumed == {tiny_gguf.name: 4096}
     remote = f"{resumed.install_dir}/{tiny_gguf.name}"
-    import hashlib
-
     assert _on_pi(pi, f"sha256sum < {sh(remote)}").stdout.split()[0] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     undeploy(profile=pi)
 

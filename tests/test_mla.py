@@ -186,15 +186,23 @@ def test_patched_library_is_loaded(patched_lib, files):
     assert json.loads((patched_lib.parent / "manifest.json").read_text())["key"] == patched_lib.parent.name
 
 
+# LLAMA_PLM_MLA_EXPAND_MIN_TOKENS (patch 0004): the smallest batch that attends in the expanded form.
+# 0: every batch absorbed; 4: the prompts (20, 57 and 8 tokens) expanded, [5, 5] and each decoded token
+# absorbed (what a real prompt + generation does at the default); 1: every batch expanded, decode too.
+EXPAND = {"absorbed": "0", "expanded-prompts": "4", "expanded-all": "1"}
+
+
 @pytest.mark.slow
-def test_latent_layout_matches_reference(patched_lib, files, reference_logits):
-    env = runtime.lib_env(lib=patched_lib)
-    latent = _logits(files["latent"], files["root"] / "out-latent", files["root"] / "tokens.json", env)
+@pytest.mark.parametrize("expand", EXPAND.values(), ids=EXPAND.keys())
+def test_latent_layout_matches_reference(patched_lib, files, reference_logits, expand):
+    env = runtime.lib_env(lib=patched_lib) | {"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand}
+    latent = _logits(files["latent"], files["root"] / f"out-latent-{expand}", files["root"] / "tokens.json", env)
     stats = compare_logits(reference_logits, latent)
     assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
     # greedy decoding (16 tokens after each prompt, f32 cache) gives the stock layout's tokens
     prompts = [s[:8] for s in SEQUENCES]
-    _, greedy_latent = runtime.run_logits(files["latent"], prompts, files["root"] / "greedy-latent", env=env, greedy=16)
+    _, greedy_latent = runtime.run_logits(files["latent"], prompts, files["root"] / f"greedy-latent-{expand}", env=env,
+                                          greedy=16)
     _, greedy_stock = runtime.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)
     assert greedy_latent == greedy_stock
     assert any(len(set(g)) > 1 for g in greedy_latent)  # not a degenerate repetition
@@ -233,15 +241,17 @@ Q8_CONFIG = tiny_config(hidden_size=64, num_attention_heads=4, kv_lora_rank=64, 
 
 
 @pytest.mark.slow
-def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path):
-    """Stretch: the absorbed path runs with flash attention (K 96 / V 64 heads, where the stock
-    layout's K 64 / V 32 aborts) and with a q8_0 KV cache (which needs flash attention)."""
+@pytest.mark.parametrize("expand", ["0", "4"], ids=["absorbed", "expanded-prompts"])
+def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path, expand):
+    """The latent layout runs with flash attention (absorbed: K 96 / V 64 heads, where the stock
+    layout's K 64 / V 32 aborts; expanded prompts: K 64 / V 32 from the decompressed latent) and
+    with a q8_0 KV cache (which needs flash attention)."""
     ckpt = write_tiny_checkpoint(tmp_path / "PLM-q8", Q8_CONFIG, seed=8)
     latent = mla.rewrite_to_latent(convert(ckpt, tmp_path / "stock.gguf", "f32").outfile, tmp_path / "latent.gguf")
     ref = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
     with torch.no_grad():
         reference = [ref(torch.tensor(s)).numpy() for s in SEQUENCES]
-    env = runtime.lib_env(lib=patched_lib)
+    env = runtime.lib_env(lib=patched_lib) | {"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand}
     f16_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "fa", env=env, cache_type=1, flash_attn=True)
     assert compare_logits(reference, f16_fa).mean_kl <= 1e-5
     q8_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "q8", env=env, cache_type=8, flash_attn=True)

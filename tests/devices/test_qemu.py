@@ -54,14 +54,17 @@ def test_a_build_above_the_cpu_dies_with_sigill_and_says_so(aarch64_build, profi
 
 # ---------------------------------------------------------------- absorbed MLA on the device build
 
-def _complete_under_qemu(build, model) -> bytes:
-    """llama-completion's stdout: the prompt and the greedy continuation, as bytes."""
+def _complete_under_qemu(build, model, expand: str | None = None) -> bytes:
+    """llama-completion's stdout: the prompt and the greedy continuation, as bytes. EXPAND sets
+    LLAMA_PLM_MLA_EXPAND_MIN_TOKENS (patch 0004: the smallest batch attending in the expanded form)."""
+    import os
     import subprocess
 
     argv = ["qemu-aarch64-static", str(build.binaries["llama-completion"]), "-m", str(model), "-p", MLA_PROMPT,
             "-n", str(N_PREDICT), "--ignore-eos", "-c", "256", "-t", "2", "-fa", "off", "-no-cnv", "--temp", "0",
             "-s", "1", "-ctk", "f32", "-ctv", "f32"]
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    env = os.environ | ({"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand} if expand is not None else {})
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:].decode(errors="replace")
     return proc.stdout
 
@@ -74,10 +77,13 @@ def test_aarch64_build_carries_the_mla_patch(aarch64_build):
     assert set(aarch64_build.manifest["patches"]) == {p.name for p in patches.patch_files()}
 
 
-def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair):
+@pytest.mark.parametrize("expand", [None, "2"], ids=["default", "expanded-prompt"])
+def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair, expand):
+    """The short prompt is absorbed at the default threshold; with it lowered to 2 the prompt attends
+    in the expanded form and each generated token absorbed, as a long prompt does by default."""
     stock, latent, reference = mla_pair
     out_stock = _complete_under_qemu(aarch64_build, stock)
-    out_latent = _complete_under_qemu(aarch64_build, latent)
+    out_latent = _complete_under_qemu(aarch64_build, latent, expand)
     assert out_latent == out_stock
     # and both are the torch reference's greedy tokens (llama-completion ends its output with a newline)
     assert out_stock.startswith(reference) and out_stock[len(reference):].strip() == b"", (out_stock, reference)

@@ -123,10 +123,23 @@ def compute_bytes(shape: ModelShape, layout: KVLayout, ctx: int, flash_attn: boo
     scores = 0 if flash_attn else ctx * UBATCH * shape.n_head * 4
     key = shape.cached_key_length(KVLayout(layout))
     activations = UBATCH * 4 * (4 * shape.n_embd + 2 * shape.n_ff + 3 * shape.n_head * key)
+    attention = scores + expanded_attention_bytes(shape, layout, ctx)
     if gpu:
-        return max(scores + activations, shape.n_vocab * UBATCH * 4) + 16 * MIB
+        return max(attention + activations, shape.n_vocab * UBATCH * 4) + 16 * MIB
     logits = shape.n_vocab * 4 * 2
-    return scores + activations + logits + 16 * MIB
+    return attention + activations + logits + 16 * MIB
+
+
+def expanded_attention_bytes(shape: ModelShape, layout: KVLayout, ctx: int) -> int:
+    """A latent file's prompt batches attend in the expanded form (llama.cpp patch 0004): the
+    cached latent (f32) and the per-head K and V decompressed from it (f32, then f16 for the
+    attention) are compute-buffer tensors, per cached token 4 * kv_lora_rank + 6 * n_head *
+    (key + value) bytes: 32 KiB for PLM-1.8B. Measured through llama.cpp's compute-buffer report
+    (full-size replica, Q4_K_M, flash attention, ctx 16384): 520.01 MiB against 304.75 MiB with
+    every batch absorbed. 0 for the stock layout."""
+    if KVLayout(layout) is not KVLayout.LATENT:
+        return 0
+    return ctx * (4 * shape.kv_lora_rank + 6 * shape.n_head * (shape.key_length + shape.value_length))
 
 
 def flash_attn_auto(layout: KVLayout, mla_patch: bool = True) -> bool:

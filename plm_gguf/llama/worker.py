@@ -68,15 +68,16 @@ def _quiet_llama(verbose: bool) -> None:
 
 def open_model(model: str | os.PathLike[str], n_ctx: int, *, threads: int | None = None,
                cache_type: int = GGML_TYPE_F16, flash_attn: bool = False, logits_all: bool = False,
-               verbose: bool = False):
+               verbose: bool = False, gpu_layers: int = 0):
     """A llama_cpp.Llama on MODEL: the only place one is made. threads None leaves
-    llama-cpp-python's defaults; cache_type is a ggml type id (0 f32, 1 f16, 8 q8_0)."""
+    llama-cpp-python's defaults; cache_type is a ggml type id (0 f32, 1 f16, 8 q8_0); gpu_layers
+    offloads that many layers where the library was built for a GPU (-1: all)."""
     from llama_cpp import Llama
 
     threading = {} if threads is None else {"n_threads": threads, "n_threads_batch": threads}
     return Llama(model_path=str(model), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
                  logits_all=logits_all, flash_attn=flash_attn, type_k=cache_type, type_v=cache_type,
-                 verbose=verbose, seed=0, **threading)
+                 verbose=verbose, seed=0, n_gpu_layers=gpu_layers, **threading)
 
 
 def eval_logits(llm, tokens: list[int]):
@@ -152,7 +153,7 @@ def cmd_logits(a: argparse.Namespace) -> None:
     sequences = json.loads(Path(a.tokens).read_text())
     cache_type = GGML_TYPE_F32 if a.f32_cache else a.cache_type
     llm = open_model(a.model, max(16, max(len(s) for s in sequences) + a.greedy), threads=a.threads,
-                     cache_type=cache_type, flash_attn=a.flash_attn, logits_all=True)
+                     cache_type=cache_type, flash_attn=a.flash_attn, logits_all=True, gpu_layers=a.gpu_layers)
     out = Path(a.out)
     continuations = []
     for i, tokens in enumerate(sequences):
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-type", type=int, default=GGML_TYPE_F16, help="ggml type of the KV cache (0 = f32, 8 = q8_0)")
     p.add_argument("--flash-attn", action="store_true")
     p.add_argument("--greedy", type=int, default=0)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU build's GPU (-1: all)")
     p.set_defaults(fn=cmd_logits)
     loads.append(p)
     p = sub.add_parser("tokenize")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.measure import measure
 from plm_gguf.llama import runtime
+from plm_gguf.llama.patches import MLA_EXPAND_ENV
 from plm_gguf.ggufinfo import read_plm_gguf
 from plm_gguf.memory import KVLayout, layout_of
 
@@ -49,14 +50,13 @@ def describe(path: Path) -> dict:
             "size_mib": round(path.stat().st_size / 2**20, 1), "file_type": info.fields.get("general.file_type")}
 
 
-EXPAND_ENV = "LLAMA_PLM_MLA_EXPAND_MIN_TOKENS"
 # (label, latent file?, flash attention, LLAMA_PLM_MLA_EXPAND_MIN_TOKENS or None for the default)
 VARIANTS = [("stock", False, False, None), ("latent before", True, True, "0"), ("latent after", True, True, None)]
 
 
 def variant_env(env: dict, expand: str | None) -> dict:
-    env = {k: v for k, v in env.items() if k != EXPAND_ENV}
-    return env | ({EXPAND_ENV: expand} if expand is not None else {})
+    env = {k: v for k, v in env.items() if k != MLA_EXPAND_ENV}
+    return env | ({MLA_EXPAND_ENV: expand} if expand is not None else {})
 
 
 def bench_once(model: Path, ctx: int, n_gen: int, threads: int, env: dict, log_file: Path,

@@ -26,7 +26,7 @@ from plm_gguf.errors import LlamaCppError
 from plm_gguf.fixtures.checkpoint import tiny_config, write_tiny_checkpoint
 from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION, runtime
 from plm_gguf.llama.host import entry_dir
-from plm_gguf.llama.patches import apply_patches, patch_files
+from plm_gguf.llama.patches import MLA_EXPAND_ENV, apply_patches, patch_files
 from plm_gguf.llama.runtime import run_worker
 from plm_gguf.llama.worker import parse_kv_cache
 from plm_gguf.reference import PLMForCausalLM
@@ -192,10 +192,18 @@ def test_patched_library_is_loaded(patched_lib, files):
 EXPAND = {"absorbed": "0", "expanded-prompts": "4", "expanded-all": "1"}
 
 
+@pytest.fixture(scope="module")
+def greedy_stock(patched_lib, files) -> list[list[int]]:
+    """The stock layout's greedy tokens (16 after the first 8 of each sequence, f32 cache), once."""
+    prompts = [s[:8] for s in SEQUENCES]
+    env = runtime.lib_env(lib=patched_lib)
+    return runtime.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("expand", EXPAND.values(), ids=EXPAND.keys())
-def test_latent_layout_matches_reference(patched_lib, files, reference_logits, expand):
-    env = runtime.lib_env(lib=patched_lib) | {"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand}
+def test_latent_layout_matches_reference(patched_lib, files, reference_logits, greedy_stock, expand):
+    env = runtime.lib_env(lib=patched_lib) | {MLA_EXPAND_ENV: expand}
     latent = _logits(files["latent"], files["root"] / f"out-latent-{expand}", files["root"] / "tokens.json", env)
     stats = compare_logits(reference_logits, latent)
     assert stats.mean_kl <= 1e-9 and stats.top1 == 1.0, stats
@@ -203,7 +211,6 @@ def test_latent_layout_matches_reference(patched_lib, files, reference_logits, e
     prompts = [s[:8] for s in SEQUENCES]
     _, greedy_latent = runtime.run_logits(files["latent"], prompts, files["root"] / f"greedy-latent-{expand}", env=env,
                                           greedy=16)
-    _, greedy_stock = runtime.run_logits(files["stock"], prompts, files["root"] / "greedy-stock", env=env, greedy=16)
     assert greedy_latent == greedy_stock
     assert any(len(set(g)) > 1 for g in greedy_latent)  # not a degenerate repetition
 
@@ -251,7 +258,7 @@ def test_latent_layout_with_flash_attention_and_q8_0_cache(patched_lib, tmp_path
     ref = PLMForCausalLM.from_checkpoint(Checkpoint(ckpt))
     with torch.no_grad():
         reference = [ref(torch.tensor(s)).numpy() for s in SEQUENCES]
-    env = runtime.lib_env(lib=patched_lib) | {"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand}
+    env = runtime.lib_env(lib=patched_lib) | {MLA_EXPAND_ENV: expand}
     f16_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "fa", env=env, cache_type=1, flash_attn=True)
     assert compare_logits(reference, f16_fa).mean_kl <= 1e-5
     q8_fa, _ = runtime.run_logits(latent, SEQUENCES, tmp_path / "q8", env=env, cache_type=8, flash_attn=True)

@@ -16,6 +16,8 @@ from plm_gguf.errors import LlamaCppError
 from plm_gguf.llama import LLAMA_CPP_PYTHON_VERSION
 
 FULL_CACHE_HINT = "use --kv-cache full (the stock layout, which stock llama.cpp runs)"
+# patch 0004: the smallest batch a latent file attends to in the expanded form (0: every batch absorbed)
+MLA_EXPAND_ENV = "LLAMA_PLM_MLA_EXPAND_MIN_TOKENS"
 
 
 def patches_dir() -> Path:

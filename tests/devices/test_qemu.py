@@ -63,7 +63,9 @@ def _complete_under_qemu(build, model, expand: str | None = None) -> bytes:
     argv = ["qemu-aarch64-static", str(build.binaries["llama-completion"]), "-m", str(model), "-p", MLA_PROMPT,
             "-n", str(N_PREDICT), "--ignore-eos", "-c", "256", "-t", "2", "-fa", "off", "-no-cnv", "--temp", "0",
             "-s", "1", "-ctk", "f32", "-ctv", "f32"]
-    env = os.environ | ({"LLAMA_PLM_MLA_EXPAND_MIN_TOKENS": expand} if expand is not None else {})
+    from plm_gguf.llama.patches import MLA_EXPAND_ENV
+
+    env = os.environ | ({MLA_EXPAND_ENV: expand} if expand is not None else {})
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:].decode(errors="replace")
     return proc.stdout
@@ -77,12 +79,18 @@ def test_aarch64_build_carries_the_mla_patch(aarch64_build):
     assert set(aarch64_build.manifest["patches"]) == {p.name for p in patches.patch_files()}
 
 
+@pytest.fixture(scope="module")
+def stock_under_qemu(aarch64_build, mla_pair) -> bytes:
+    return _complete_under_qemu(aarch64_build, mla_pair[0])
+
+
 @pytest.mark.parametrize("expand", [None, "2"], ids=["default", "expanded-prompt"])
-def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair, expand):
+def test_latent_layout_on_the_aarch64_build_gives_the_stock_greedy_tokens(aarch64_build, mla_pair, stock_under_qemu,
+                                                                            expand):
     """The short prompt is absorbed at the default threshold; with it lowered to 2 the prompt attends
     in the expanded form and each generated token absorbed, as a long prompt does by default."""
     stock, latent, reference = mla_pair
-    out_stock = _complete_under_qemu(aarch64_build, stock)
+    out_stock = stock_under_qemu
     out_latent = _complete_under_qemu(aarch64_build, latent, expand)
     assert out_latent == out_stock
     # and both are the torch reference's greedy tokens (llama-completion ends its output with a newline)

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.measure import measure
+from plm_gguf.errors import PlmGgufError
 from plm_gguf.llama import runtime
 from plm_gguf.llama.patches import MLA_EXPAND_ENV
 from plm_gguf.ggufinfo import read_plm_gguf
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give the files in pairs: stock, latent")
     pairs = [(a.files[i], a.files[i + 1]) for i in range(0, len(a.files), 2)]
     for stock, latent in pairs:
-        if describe(stock)["layout"] != "stock" or describe(latent)["layout"] != "latent":
+        try:
+            layouts = describe(stock)["layout"], describe(latent)["layout"]
+        except PlmGgufError as err:
+            ap.error(f"{err.message} ({err.hint})")
+        if layouts != ("stock", "latent"):
             ap.error(f"{stock.name} must be stock-layout and {latent.name} latent-layout")
     base_env = runtime.lib_env()
     WORK.mkdir(parents=True, exist_ok=True)

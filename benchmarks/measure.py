@@ -3,8 +3,12 @@
 Interference from other jobs is measured, not guessed: the CPU time of the whole machine
 (/proc/stat) minus the job's own (rusage), as a share of all cores over the run.
 
-Peak RSS comes from os.wait4, whose rusage covers the child and every descendant it waited for
-(Linux reports the largest single process of that tree, not a sum). Peak disk use is the
+Peak RSS is each job's own. A child forked from this process would not do: Linux starts a
+process's ru_maxrss at the resident size of the process it was forked from (exec records the old
+address space's high-water mark), so after the harness has grown to gigabytes every job, `cp`
+included, would report gigabytes. Each command is therefore started by a small launcher (a bare
+`python -S`, about 10 MB), which forks the command from itself and reports the command's
+os.wait4 rusage (Linux reports the largest single process of the tree, not a sum). Peak disk use is the
 allocated size of the output folder, polled every 50 ms while the command runs, so an
 intermediate file counts even if the command deletes it before it ends.
 """
@@ -15,6 +19,8 @@ import contextlib
 import os
 import shlex
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -93,20 +99,40 @@ class _DiskWatch:
         self.peak = max(self.peak, disk_bytes(self.folder))
 
 
+# Forks the command (argv[2:]) from this small process, waits, and writes the command's exit code,
+# ru_maxrss (KiB) and CPU seconds to the file argv[1].
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}")
+"""
+
+
 def run_command(cmd: list[str], log: Path, *, watch: Path | None = None, env: dict | None = None,
                 cwd: Path | None = None) -> tuple[float, int, float]:
-    """Run `cmd`, its stdout and stderr to `log`; return (wall seconds, peak RSS bytes, CPU seconds)."""
-    with open(log, "ab") as out:
+    """Run `cmd`, its stdout and stderr to `log`; return (wall seconds, its own peak RSS bytes,
+    CPU seconds)."""
+    with open(log, "ab") as out, tempfile.TemporaryDirectory(prefix="measure-") as folder:
         out.write(f"$ {shlex.join(cmd)}\n".encode())
         out.flush()
+        report = Path(folder) / "rusage"
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(report), *cmd], stdout=out,
+                              stderr=subprocess.STDOUT, env=env, cwd=cwd)
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise CommandFailed(f"{shlex.join(cmd)} exited with {proc.returncode}; see {log}")
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+        if not report.exists():
+            raise CommandFailed(f"the launcher of {shlex.join(cmd)} exited with {proc.returncode}; see {log}")
+        code, maxrss_kib, cpu = report.read_text().split()
+    if int(code) != 0:
+        raise CommandFailed(f"{shlex.join(cmd)} exited with {code}; see {log}")
+    return wall, int(maxrss_kib) * 1024, float(cpu)
 
 
 def measure(steps: list[list[str]], log: Path, *, watch: Path | None = None, drop: bool = True,

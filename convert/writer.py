@@ -1,17 +1,22 @@
-"""Checkpoint -> GGUF in one streaming pass.
+"""Checkpoint -> GGUF in one streaming pass, for every llama.cpp file type.
 
-f32, f16, bf16 and q8_0 are written directly, tensor by tensor (bf16 from a bf16 source is a
-byte copy). Every other llama.cpp file type goes through a lossless temporary GGUF beside the
-target that llama.cpp's own quantizer (in a child process) turns into the requested type; the
-temporary file is removed whatever happens. The target appears only by a rename at the end:
-on any failure, Ctrl-C included, no partial file is left behind.
+Each tensor is read in blocks of rows, encoded and written at its place in the file: f32, f16,
+bf16 (from a bf16 source, a byte copy) and q8_0 with numpy, every other type with ggml's own
+`ggml_quantize_chunk` (plm_gguf.convert.ggmlq), on all cores. No temporary file is written.
+Which type each tensor gets is llama.cpp's decision, not a copy of its rules: a dry run of
+`llama_model_quantize` on a data-less skeleton of the file (a memfd: header and tensor index,
+the data a hole) returns them, so a file is interchangeable with llama-quantize's, tensor for
+tensor and byte for byte. The target appears only by a rename at the end: on any failure,
+Ctrl-C included, no partial file is left behind.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,13 +29,14 @@ from gguf import LlamaFileType as FT
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
+from plm_gguf.convert import ggmlq
 from plm_gguf.convert.mla import MlaSizes, mla_metadata, split_kv_b
-from plm_gguf.convert.quantize import quantize_file
 from plm_gguf.errors import CheckpointError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info
+from plm_gguf.llama.runtime import run_worker
 from plm_gguf.memory import KVLayout, parse_layout
 from plm_gguf.outputs import check_target, claimed, partial_path
-from plm_gguf.qtypes import DIRECT_TYPES, NEEDS_IMATRIX, bf16_to_f32, parse_outtype
+from plm_gguf.qtypes import DIRECT_TYPES, NEEDS_IMATRIX, bf16_to_f32, llama_file_types, parse_outtype
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
 
@@ -83,12 +89,14 @@ def convert(
     progress: bool = False,
     threads: int | None = None,
     kv_cache: KVLayout | str = KVLayout.FULL,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> ConvertResult:
     """Convert a PLM checkpoint (folder or Hugging Face repo id) to GGUF. Everything is checked
-    (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written."""
+    (config, tensor names and shapes, dtypes, tokenizer, output path) before a byte is written.
+    `imatrix` maps GGUF tensor names to column importances (as the sweep computes them)."""
     outtype = parse_outtype(outtype)  # fail fast on a typo, before any download
     kv_cache = parse_layout(kv_cache)  # a KVLayout from the CLI; a str from a Python caller is checked here
-    if outtype in NEEDS_IMATRIX:
+    if outtype in NEEDS_IMATRIX and not imatrix:
         raise UsageError(f"{outtype} needs an importance matrix, which convert does not compute",
                          "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")
     folder = resolve_model(model)
@@ -101,17 +109,15 @@ def convert(
     start = time.perf_counter()
     with claimed(target), partial_path(target, ".partial") as tmp:
         check_target(target, force, inputs=ckpt.input_files())  # again, now that the target is ours
-        if outtype in DIRECT_TYPES:
-            plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model), kv_cache=kv_cache)
-        else:
-            lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
-            with partial_path(target, ".src.partial") as src:
-                write_gguf(ckpt, vocab, src, lossless, progress=progress, model_name=str(model), kv_cache=kv_cache)
-                quantize_file(src, tmp, outtype, threads=threads, progress=progress)
-            plans = None
+        types = None
+        if outtype not in DIRECT_TYPES:
+            types = llama_tensor_types(ckpt, vocab, outtype, model_name=str(model), kv_cache=kv_cache,
+                                       imatrix=imatrix)
+        plans = write_gguf(ckpt, vocab, tmp, outtype, progress=progress, model_name=str(model), kv_cache=kv_cache,
+                           types=types, imatrix=imatrix, threads=threads)
         os.replace(tmp, target)
     seconds = time.perf_counter() - start
-    return summarize(target, outtype, seconds, ckpt.nbytes, plans, vocab)
+    return summarize(target, outtype, seconds, ckpt.nbytes, plans if types is None else None, vocab)
 
 
 def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
@@ -182,17 +188,21 @@ def add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, model_name: st
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-# Tensors are converted in blocks of rows of about this many source bytes, on CONVERT_THREADS
-# threads (numpy releases the GIL), with at most IN_FLIGHT blocks held at once: peak memory is
-# a few blocks, not one tensor (PLM-1.8B's embedding alone is 622 MB in bf16, 1.2 GB in f32).
+# Tensors are converted in blocks of rows of about CHUNK_BYTES source bytes, on a thread pool
+# (numpy and ggml release the GIL), with at most `2 x threads` blocks held at once: peak memory
+# is a few blocks, not one tensor (PLM-1.8B's embedding alone is 622 MB in bf16, 1.2 GB in f32).
+# The direct types are memory-bound numpy passes (DIRECT_THREADS at most); quantized types use
+# every core. Blocks shrink as threads grow, so that what is in flight stays near 128 MB.
 CHUNK_BYTES = 16 * 2**20
-CONVERT_THREADS = min(4, os.cpu_count() or 1)
-IN_FLIGHT = 2 * CONVERT_THREADS
+DIRECT_THREADS = min(4, os.cpu_count() or 1)
+IN_FLIGHT_BYTES = 128 * 2**20
+_NUMPY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0)
 
 
-def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
-    """One block of rows in the planned type, and how many NaN/Inf values it held.
-    bf16 -> bf16 is the stored bits themselves."""
+def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str, row0: int = 0,
+            imatrix: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """One block of rows (starting at row `row0` of the tensor) in the planned type, and how many
+    NaN/Inf values it held. bf16 -> bf16 is the stored bits themselves."""
     if plan.qtype == QT.BF16 and dtype == "BF16":
         bad = int(((raw & 0x7F80) == 0x7F80).sum())  # exponent all ones: Inf or NaN
         return raw, bad
@@ -206,7 +216,22 @@ def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, 
             raise CheckpointError(f"{plan.spec.hf_name} has values beyond f16's range (max |x| = {np.abs(values).max():.3g})",
                                   "convert to bf16 or f32 instead")
         return out, bad
-    return gguf.quants.quantize(values, plan.qtype), bad
+    if plan.qtype in _NUMPY_TYPES:
+        return gguf.quants.quantize(values, plan.qtype), bad
+    if bad:  # nothing to quantize: the tensor is refused once the count is known
+        return np.empty(0, np.uint8), bad
+    rows = values.reshape(-1, plan.spec.shape[-1])
+    if imatrix is None or len(plan.spec.shape) < 3:
+        return ggmlq.quantize_rows(rows, plan.qtype, imatrix), bad
+    # a 3-D tensor (attn_k_b, attn_v_b) has one importance vector per matrix, as llama.cpp's experts
+    per, n = plan.spec.shape[-2], plan.spec.shape[-1]
+    parts, r = [], 0
+    while r < rows.shape[0]:
+        which = (row0 + r) // per
+        take = min(rows.shape[0] - r, (which + 1) * per - (row0 + r))
+        parts.append(ggmlq.quantize_rows(rows[r : r + take], plan.qtype, imatrix[which * n : (which + 1) * n]))
+        r += take
+    return np.concatenate(parts), bad
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -220,12 +245,25 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def _write_tensor(fout, writer: gguf.GGUFWriter, pool: ThreadPoolExecutor, plan: TensorPlan, ref, advance) -> None:
-    """Stream one tensor's bytes into the file at the next aligned offset."""
+def _row_offsets(chunks):
+    row = 0
+    for rows in chunks:
+        yield row, rows
+        row += rows.shape[0] if rows.ndim > 1 else 1
+
+
+def _write_tensor(fout, writer: gguf.GGUFWriter, pool: ThreadPoolExecutor, window: int, plan: TensorPlan, ref,
+                  advance, imatrix: np.ndarray | None = None) -> None:
+    """Stream one tensor's bytes into the file at the next aligned offset, `window` blocks in flight."""
     writer.write_padding(fout, fout.tell())
     written = read = bad = 0
-    for chunk, (out, n_bad) in _bounded_map(pool, lambda rows: (rows, _encode(plan, rows, ref.dtype)),
-                                             ref.row_chunks(CHUNK_BYTES), IN_FLIGHT):
+    chunk_bytes = max(2**20, min(CHUNK_BYTES, IN_FLIGHT_BYTES // window))
+
+    def encode(item):
+        row0, rows = item
+        return rows, _encode(plan, rows, ref.dtype, row0, imatrix)
+
+    for chunk, (out, n_bad) in _bounded_map(pool, encode, _row_offsets(ref.row_chunks(chunk_bytes)), window):
         bad += n_bad
         if not bad:
             fout.write(out.reshape(-1).view(np.uint8).data)
@@ -260,33 +298,44 @@ class _KvBPart:
             self.ref.release()
 
 
-def _latent_plans(ckpt: Checkpoint, wanted: QT) -> list[tuple[TensorPlan, object]]:
+def _sources(ckpt: Checkpoint, kv_cache: str) -> list[tuple[TensorSpec, object]]:
+    """Every tensor of the file, in order, with where its rows come from: the checkpoint's own
+    tensors, or for the latent layout attn_k_b/attn_v_b cut from kv_b_proj."""
+    if kv_cache != "latent":
+        return [(spec, ckpt.tensor(spec)) for spec in ckpt.specs]
     c, sizes = ckpt.config, MlaSizes.from_config(ckpt.config)
     out = []
     for spec in ckpt.specs:
         ref = ckpt.tensor(spec)
         if spec.kind != gguf.MODEL_TENSOR.ATTN_KV_B:
-            out.append((plan_tensor(spec, wanted), ref))
+            out.append((spec, ref))
             continue
         prefix = spec.gguf_name.removesuffix("attn_kv_b.weight")
         k_b = TensorSpec(spec.hf_name + "[k_b]", prefix + "attn_k_b.weight", gguf.MODEL_TENSOR.ATTN_K_B,
                          (c.n_head, c.kv_lora_rank, c.qk_nope_head_dim))
         v_b = TensorSpec(spec.hf_name + "[v_b]", prefix + "attn_v_b.weight", gguf.MODEL_TENSOR.ATTN_V_B,
                          (c.n_head, c.v_head_dim, c.kv_lora_rank))
-        out += [(plan_tensor(k_b, wanted), _KvBPart(ref, sizes, 0)), (plan_tensor(v_b, wanted), _KvBPart(ref, sizes, 1))]
+        out += [(k_b, _KvBPart(ref, sizes, 0)), (v_b, _KvBPart(ref, sizes, 1))]
     return out
 
 
 def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
-               progress: bool = False, model_name: str = "", kv_cache: str = "full") -> list[TensorPlan]:
-    """Write one GGUF of a direct type, streaming block by block. gguf-py writes the header,
-    metadata and tensor index; the tensor data is written here in blocks (gguf-py's
-    write_tensor_data takes whole tensors only)."""
-    file_type, wanted = DIRECT_TYPES[outtype]
-    if kv_cache == "latent":
-        sources = _latent_plans(ckpt, wanted)
+               progress: bool = False, model_name: str = "", kv_cache: str = "full",
+               types: dict[str, QT] | None = None, imatrix: dict[str, np.ndarray] | None = None,
+               threads: int | None = None, data: bool = True) -> list[TensorPlan]:
+    """Write one GGUF, streaming block by block. A direct type (f32, f16, bf16, q8_0) plans its
+    own tensor types; any other llama.cpp file type takes them from `types` (llama_tensor_types).
+    gguf-py writes the header, metadata and tensor index; the tensor data is written here in
+    blocks (gguf-py's write_tensor_data takes whole tensors only). With data=False only the
+    header and index are written and the file is extended to its full size as a hole."""
+    if outtype in DIRECT_TYPES:
+        file_type, wanted = DIRECT_TYPES[outtype]
+        sources = [(plan_tensor(spec, wanted), ref) for spec, ref in _sources(ckpt, kv_cache)]
     else:
-        sources = [(plan_tensor(spec, wanted), ckpt.tensor(spec)) for spec in ckpt.specs]
+        file_type = llama_file_types()[outtype]
+        if types is None:
+            raise AssertionError(f"{outtype}: the tensor types come from llama_tensor_types()")
+        sources = [(TensorPlan(spec, types[spec.gguf_name]), ref) for spec, ref in _sources(ckpt, kv_cache)]
     plans = [p for p, _ in sources]
     writer = gguf.GGUFWriter(path, "plm")
     add_model_metadata(writer, ckpt, model_name or ckpt.folder.name, file_type, kv_cache)
@@ -299,12 +348,79 @@ def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
-        with ThreadPoolExecutor(CONVERT_THREADS) as pool, _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
+        if not data:
+            pad = writer.data_alignment
+            fout.truncate(writer.ggml_pad(fout.tell(), pad) + sum(writer.ggml_pad(p.nbytes, pad) for p in plans))
+            return plans
+        quantized = [p.qtype for p in plans if p.qtype not in _NUMPY_TYPES]
+        for qtype in set(quantized):
+            ggmlq.prepare(qtype)
+        n_threads = (threads or os.cpu_count() or 1) if quantized else min(threads or DIRECT_THREADS, DIRECT_THREADS)
+        with ThreadPoolExecutor(n_threads) as pool, _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
             for p, ref in sources:
-                _write_tensor(fout, writer, pool, p, ref, advance)
+                _write_tensor(fout, writer, pool, 2 * n_threads, p, ref, advance,
+                              _imatrix_for(p, imatrix) if p.qtype not in _NUMPY_TYPES else None)
     finally:
         writer.close()
     return plans
+
+
+def _imatrix_for(plan: TensorPlan, imatrix: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    """A tensor's importances as llama_model_quantize takes them: absent is allowed (quantized
+    without), a wrong size is an error except for token_embd."""
+    if not imatrix or plan.spec.gguf_name not in imatrix:
+        return None
+    values = np.asarray(imatrix[plan.spec.gguf_name], dtype=np.float32).reshape(-1)
+    shape = plan.spec.shape
+    expected = shape[-1] * (shape[0] if len(shape) == 3 else 1)
+    if values.size != expected:
+        if plan.spec.gguf_name == "token_embd.weight":
+            return None
+        raise UsageError(f"the importance matrix has {values.size} values for {plan.spec.gguf_name}, "
+                         f"which needs {expected}", "compute it again for this model")
+    if not np.isfinite(values).all():
+        raise UsageError(f"the importance matrix for {plan.spec.gguf_name} holds non-finite values",
+                         "compute it again")
+    return values
+
+
+@contextlib.contextmanager
+def _scratch():
+    """A path this process and a child can both open, whose disk use is only what is written:
+    an anonymous memfd on Linux (nothing on disk at all), else a file in the system temp folder."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("plm-gguf-skeleton")
+        try:
+            yield f"/proc/self/fd/{fd}", (fd,)
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="plm-gguf-") as folder:
+        yield str(Path(folder) / "skeleton.gguf"), ()
+
+
+def llama_tensor_types(ckpt: Checkpoint, vocab: Vocab, outtype: str, *, model_name: str = "",
+                       kv_cache: str = "full", imatrix: dict[str, np.ndarray] | None = None) -> dict[str, QT]:
+    """llama.cpp's per-tensor types for file type `outtype`: llama_model_quantize (in the worker)
+    runs as a dry run on a skeleton of the lossless file, which has every name, shape and key but
+    no data (a hole), so its rules (per-layer choices, token_embd and attn_v rules, fallbacks for
+    rows that do not fit a block) are applied by llama.cpp itself."""
+    lossless = {"BF16": "bf16", "F16": "f16"}.get(ckpt.source_dtype, "f32")
+    ftype = int(llama_file_types()[outtype])
+    with _scratch() as (path, fds), tempfile.TemporaryDirectory(prefix="plm-gguf-") as folder:
+        write_gguf(ckpt, vocab, Path(path), lossless, model_name=model_name, kv_cache=kv_cache, data=False)
+        out = Path(folder) / "types.json"
+        args = ["quantize", path, str(Path(folder) / "unused.gguf"), str(ftype), "--types-out", str(out)]
+        if imatrix:  # llama.cpp's rules for some types depend on whether there is one
+            np.savez(Path(folder) / "imatrix.npz", **{k: np.asarray(v, np.float32) for k, v in imatrix.items()})
+            args += ["--imatrix", str(Path(folder) / "imatrix.npz")]
+        run_worker(args, pass_fds=fds)
+        found = json.loads(out.read_text())
+    names = [spec.gguf_name for spec, _ in _sources(ckpt, kv_cache)]
+    missing = [n for n in names if n not in found]
+    if missing:  # the dry run's log format changed: a bug to report, not a user error
+        raise AssertionError(f"llama.cpp's dry run named no type for {missing[:3]} ({len(missing)} tensors)")
+    return {n: QT[found[n].upper()] for n in names}
 
 
 @contextlib.contextmanager

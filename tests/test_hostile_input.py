@@ -385,23 +385,47 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def _partial_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.partial"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_sigterm_and_sighup_end_children_and_leave_nothing(tmp_path, big_checkpoint, sig):
-    """The signal arrives while llama.cpp's quantizer runs in its worker: the worker is ended,
-    both temporaries are removed, the exit status is 128 + the signal."""
+@pytest.mark.parametrize("sig,moment", [(signal.SIGTERM, "dry-run"), (signal.SIGHUP, "quantizing")],
+                         ids=["SIGTERM-dry-run", "SIGHUP-quantizing"])
+def test_sigterm_and_sighup_end_children_and_leave_nothing(tmp_path, big_checkpoint, sig, moment):
+    """The signal arrives while llama.cpp's dry run (which picks the tensor types) runs in its
+    worker, or while the tensors are being quantized into the .partial: the worker is ended, the
+    partial file removed, the exit status is 128 + the signal."""
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "plm_gguf.cli", "convert", str(big_checkpoint), "--outtype",
                              "q4_k_m", "--outfile", str(out / "m.gguf")], stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(pid != proc.pid for pid in _processes_naming(str(out))), proc)  # the worker runs
-    time.sleep(0.2)
+    if moment == "dry-run":
+        _wait_for(lambda: any(b"--types-out" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                              for pid in _children_of(proc.pid)), proc)
+        workers = _children_of(proc.pid)
+    else:
+        _wait_for(lambda: _partial_bytes(out) > 4 << 20, proc)
+        workers = []
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr and sig.name in stderr
     assert list(out.iterdir()) == []
-    assert _processes_naming(str(out)) == [], "the llama.cpp worker outlived the command"
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "the llama.cpp worker outlived the command"
 
 
 def test_quantize_onto_its_own_source_is_refused(tmp_path):

@@ -62,14 +62,16 @@ def lib_env(base: dict | None = None, lib: Path | None = None) -> dict:
 # ---------------------------------------------------------------- the worker
 
 def run_worker(args: list[str], *, timeout: float | None = None,
-               on_line: Callable[[str], None] | None = None, env: dict | None = None) -> None:
-    """Run one worker command on the host build; raise LlamaCppError naming what llama.cpp said."""
+               on_line: Callable[[str], None] | None = None, env: dict | None = None,
+               pass_fds: tuple[int, ...] = ()) -> None:
+    """Run one worker command on the host build; raise LlamaCppError naming what llama.cpp said.
+    `pass_fds` stay open in the child (under the same numbers)."""
     if env is None:
         env = lib_env()
     cmd = [sys.executable, "-m", WORKER, *args]
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            errors="replace", env=env)
+                            errors="replace", env=env, pass_fds=pass_fds)
     try:
         assert proc.stderr is not None
         for line in proc.stderr:

@@ -206,10 +206,24 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         arr[len(data.files)].name = None
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep.append(arr)
+    if a.types_out:  # a dry run: llama.cpp's per-tensor type choices, nothing written
+        params.dry_run = True
     rc = llama_cpp.llama_model_quantize(a.src.encode(), a.dst.encode(), ctypes.byref(params))
     if rc != 0:
         sys.stderr.write(f"error: llama_model_quantize returned {rc}\n")
         sys.exit(1)
+    if a.types_out:
+        Path(a.types_out).write_text(json.dumps(dry_run_types(log_text())))
+
+
+# "[  12/ 291]  blk.0.attn_q.weight - [ 2048,  2048,  1,  1], type =    f16, size =  8.000 MiB -> 2.250 MiB (q4_K)"
+# or "... type = f32, size = 0.008 MiB" when the tensor keeps its type
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^\n(]*(?:\((\w+)\))?")
+
+
+def dry_run_types(log: str) -> dict[str, str]:
+    """Tensor name -> ggml type name, from llama_model_quantize's dry-run log."""
+    return {m[1]: m[3] or m[2] for m in _DRY_RUN_LINE.finditer(log)}
 
 
 def cmd_score(a: argparse.Namespace) -> None:
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("src"), p.add_argument("dst"), p.add_argument("ftype", type=int)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--overrides"), p.add_argument("--imatrix")
+    p.add_argument("--types-out", help="dry run: write llama.cpp's per-tensor types (JSON) here, no output file")
     p.set_defaults(fn=cmd_quantize)
     loads.append(p)
     p = sub.add_parser("score")

@@ -113,6 +113,8 @@ def _verify_and_print(model: str, gguf_file: Path, threads: int | None) -> None:
     table.add_row("mean KL limit", *(lim for _, _, lim, _ in columns))
     table.add_row("result", *(verdict for *_, verdict in columns))
     console.print(table)
+    console.print(f"peak memory: {result.peak_rss_bytes / 2**20:,.0f} MiB (plm-gguf, the torch reference), "
+                  f"{result.llama_peak_rss_bytes / 2**20:,.0f} MiB (llama.cpp, the model file mapped)")
     if not result.token_diffs:
         console.print(f"tokenization: llama.cpp and the checkpoint's tokenizer agree on all {result.n_samples} samples")
     for d in result.token_diffs:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import tempfile
 import unicodedata
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from plm_gguf.checkpoint import Checkpoint, resolve_model
 from plm_gguf.errors import TokenizerError, UsageError
 from plm_gguf.ggufinfo import read_plm_gguf
 from plm_gguf.llama.runtime import run_worker
-from plm_gguf.reference import PLMForCausalLM
+from plm_gguf.reference import CheckpointWeights, GgufWeights, PLMForCausalLM
 from plm_gguf.schema import PLMConfig, config_from_gguf
 
 # Pass thresholds on mean KL by the GGUF's file type; other types are reported, not failed.
@@ -100,6 +102,8 @@ class VerifyResult:
     matched_dtype: str | None = None
     token_diffs: list[TokenDiff] = field(default_factory=list)
     n_samples: int = len(TOKENIZER_SAMPLE)
+    peak_rss_bytes: int = 0  # this process (the torch reference), over its life so far
+    llama_peak_rss_bytes: int = 0  # the largest llama.cpp worker it ran
 
     @property
     def file_passed(self) -> bool:
@@ -177,18 +181,21 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
         run_worker(["tokenize", str(gguf_path), "--texts", str(tmp / "texts.json"), "--out", str(tmp / "ids.json")])
         llama_ids = json.loads((tmp / "ids.json").read_text())
 
-    reference = PLMForCausalLM.from_checkpoint(ckpt)
-    ref_logits = [reference(torch.tensor(s)).numpy() for s in sequences]
-    exact = compare_logits(ref_logits, llama_logits)
-    stats, matched = exact, MATMUL_INPUT_DTYPES.get(file_type)
+    # the torch reference, layer by layer over the memory-mapped checkpoint (one layer resident),
+    # exact and with llama.cpp's matmul input rounding in the same pass
+    matched = MATMUL_INPUT_DTYPES.get(file_type)
+    inputs = [torch.tensor(s) for s in sequences]
+    reference = PLMForCausalLM.skeleton(ckpt.config).stream(CheckpointWeights(ckpt), inputs,
+                                                            variants=(None,) if matched is None else (None, matched))
+    ref_logits = [x.numpy() for x in reference[None]]
+    exact = stats = compare_logits(ref_logits, llama_logits)
     if matched is not None:
-        reference.set_matmul_input_dtype(matched)
-        stats = compare_logits([reference(torch.tensor(s)).numpy() for s in sequences], llama_logits)
+        stats = compare_logits([x.numpy() for x in reference[matched]], llama_logits)
     del reference
     file_stats = None
     if file_type in THRESHOLDS:  # lossless and 16-bit files: is the content the checkpoint's?
-        from_file = PLMForCausalLM.from_gguf(gguf_path, ckpt.config)
-        file_stats = compare_logits(ref_logits, [from_file(torch.tensor(s)).numpy() for s in sequences])
+        from_file = PLMForCausalLM.skeleton(ckpt.config).stream(GgufWeights(gguf_path, ckpt.config), inputs)
+        file_stats = compare_logits(ref_logits, [x.numpy() for x in from_file[None]])
         del from_file
 
     diffs = []
@@ -197,7 +204,14 @@ def verify(model: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *,
         if hf_ids != llama_ids[i]:
             diffs.append(TokenDiff(name, text, hf_ids, llama_ids[i], nfc_only=llama_ids[len(texts) + i] == hf_ids))
     return VerifyResult(gguf_path, file_type.name, stats, THRESHOLDS.get(file_type), exact, file_stats,
-                        str(matched).removeprefix("torch.") if matched else None, diffs)
+                        str(matched).removeprefix("torch.") if matched else None, diffs,
+                        peak_rss_bytes=peak_rss(), llama_peak_rss_bytes=peak_rss(children=True))
+
+
+def peak_rss(children: bool = False) -> int:
+    """Peak resident memory in bytes of this process, or of its largest waited-for child."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 _SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "kv_lora_rank",

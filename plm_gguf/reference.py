@@ -1,7 +1,13 @@
 """A readable torch reference of PLM's forward pass (PLM_FACTS section 2), independent of
 llama.cpp. Submodule names equal checkpoint keys, so `load_state_dict` checks every name and
-shape; weights stay in their storage dtype and are upcast per matmul, so a full-size model
-needs about its checkpoint's size in memory.
+shape; weights stay in their storage dtype and are upcast per matmul.
+
+Two ways to run it: the whole model in memory (`from_checkpoint`, `from_gguf`: about the
+checkpoint's size, for tests and training), or layer by layer (`stream` over a WeightSource:
+`CheckpointWeights` or `GgufWeights`, memory-mapped), where only one layer's weights are resident
+at a time, the activations of every sequence are kept between layers, and the tied output runs
+over blocks of the embedding's rows: what verify and the importance matrix use, so a 1.8B model
+is checked in well under 2 GB.
 
     h = embed(tokens)
     for each layer:
@@ -14,18 +20,22 @@ from __future__ import annotations
 
 import math
 
+import gguf
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
-from plm_gguf.checkpoint import Checkpoint, check_finite
+from plm_gguf.checkpoint import Checkpoint, check_finite, row_blocks
 from plm_gguf.errors import CheckpointError
 from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.latent import merge_kv_b
 from plm_gguf.schema import PLMConfig, tensor_table
+
+EMBED = "model.embed_tokens.weight"
+# Rows of the tied output upcast at a time (PLM-1.8B: 151,936 x 2,048 would be 1.2 GB in f32).
+OUTPUT_BLOCK_BYTES = 64 * 2**20
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +190,48 @@ class PLMForCausalLM(nn.Module):
         return F.linear(x, embed.to(self.compute_dtype)).float()  # [T, vocab], tied
 
     @classmethod
+    def skeleton(cls, config: PLMConfig, compute_dtype: torch.dtype = torch.float32) -> "PLMForCausalLM":
+        """The module tree with no weights (on the meta device), for `stream`."""
+        with torch.device("meta"):
+            model = cls(config, compute_dtype)
+        return model.eval()
+
+    @torch.inference_mode()
+    def stream(self, source: "WeightSource", sequences: list[torch.Tensor],
+               variants: tuple[torch.dtype | None, ...] = (None,)) -> dict[torch.dtype | None, list[torch.Tensor]]:
+        """Logits of each sequence, computed one layer at a time from `source`: a layer's weights
+        are loaded into this (skeleton) model, every sequence goes through it, and they are
+        dropped. `variants` are matmul input dtypes (set_matmul_input_dtype) computed in the same
+        pass, each with its own activations. The same operations on the same shapes as `forward`,
+        one sequence at a time, except the tied output, taken over blocks of vocabulary rows.
+        Forward hooks on this model's modules see what they would see in `forward`."""
+        try:
+            embedded = [source.embedding_rows(s).to(self.compute_dtype) for s in sequences]
+            acts = {v: list(embedded) for v in variants}
+            del embedded
+            for i, layer in enumerate(self.model.layers):
+                prefix = f"model.layers.{i}."
+                _load(layer, {n.removeprefix(prefix): source.tensor(n) for n in source.names() if n.startswith(prefix)})
+                for v in variants:
+                    self.set_matmul_input_dtype(v)
+                    acts[v] = [layer(x, torch.arange(x.shape[-2])) for x in acts[v]]
+                layer.to("meta")  # this layer's weights go
+            _load(self.model.norm, {"weight": source.tensor("model.norm.weight")})
+            for v in variants:
+                self.set_matmul_input_dtype(v)
+                acts[v] = [round_to(self.model.norm(x), v) for x in acts[v]]
+            self.model.norm.to("meta")
+        finally:
+            self.set_matmul_input_dtype(None)
+        out: dict = {v: [[] for _ in sequences] for v in variants}
+        for block in source.embedding_blocks(OUTPUT_BLOCK_BYTES):
+            w = block.to(self.compute_dtype)
+            for v in variants:
+                for k, x in enumerate(acts[v]):
+                    out[v][k].append(F.linear(x, w).float())
+        return {v: [torch.cat(parts, dim=-1) for parts in out[v]] for v in variants}
+
+    @classmethod
     def from_gguf(cls, path, config: PLMConfig, compute_dtype: torch.dtype = torch.float32) -> "PLMForCausalLM":
         """The same model with the weights a GGUF file holds (decoded by gguf-py), so the file's
         content can be compared with its checkpoint in exact arithmetic, apart from any runtime."""
@@ -225,3 +277,109 @@ class PLMForCausalLM(nn.Module):
             raise CheckpointError(f"reference model cannot load the checkpoint: {exc}".splitlines()[0],
                                   "the checkpoint does not follow PLM's layout") from exc
         return model.eval()
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # names or shapes disagree with the module tree
+        raise CheckpointError(f"reference model cannot load the weights: {exc}".splitlines()[0],
+                              "the checkpoint does not follow PLM's layout") from exc
+
+
+class WeightSource:
+    """Where `PLMForCausalLM.stream` reads weights from, by checkpoint (HF) name, in their storage
+    dtype (bf16/f16 stay 16-bit; other GGUF types are dequantized to f32), one tensor at a time."""
+
+    config: PLMConfig
+
+    def names(self) -> list[str]:
+        return [spec.hf_name for spec in tensor_table(self.config)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embedding_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `tokens` ([..., T] -> [..., T, d]), nothing else read."""
+        raise NotImplementedError
+
+    def embedding_blocks(self, max_bytes: int):
+        """The embedding as consecutive blocks of whole rows (for the tied output)."""
+        raise NotImplementedError
+
+
+def _torch_from(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored values (bf16 as uint16 bits) as a torch tensor of their own dtype; a copy."""
+    values = torch.from_numpy(np.array(raw))
+    return values.view(torch.bfloat16) if dtype == "BF16" else values
+
+
+class CheckpointWeights(WeightSource):
+    """A checkpoint's tensors, read from its memory-mapped files and released after each copy."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt, self.config = ckpt, ckpt.config
+
+    def tensor(self, name: str) -> torch.Tensor:
+        ref = self.ckpt.refs[name]
+        values = _torch_from(ref.raw(), ref.dtype)
+        ref.release()
+        check_finite(name, values)
+        return values
+
+    def embedding_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        ref = self.ckpt.refs[EMBED]
+        rows = _torch_from(ref.raw()[tokens.numpy()], ref.dtype)
+        check_finite(EMBED, rows)
+        return rows
+
+    def embedding_blocks(self, max_bytes: int):
+        ref, done = self.ckpt.refs[EMBED], 0
+        for block in row_blocks(ref.raw(), max_bytes):
+            values = _torch_from(block, ref.dtype)
+            check_finite(EMBED, values)
+            yield values
+            done += block.nbytes
+            ref.release(done)
+        ref.release()
+
+
+class GgufWeights(WeightSource):
+    """A GGUF file's tensors by checkpoint name (the latent layout's attn_k_b/attn_v_b merged back
+    into kv_b), memory-mapped; 16-bit types stay 16-bit, anything else is dequantized to f32."""
+
+    def __init__(self, path, config: PLMConfig) -> None:
+        self.info, self.config = read_gguf_info(path), config
+        self.gguf_names = {spec.hf_name: spec.gguf_name for spec in tensor_table(config)}
+        self.shapes = {spec.hf_name: spec.shape for spec in tensor_table(config)}
+
+    def _decode(self, gguf_name: str, rows=None) -> torch.Tensor:
+        t = self.info.tensors[gguf_name]
+        raw = self.info.data(gguf_name)  # [rows, bytes per row], mapped
+        if rows is not None:
+            raw = raw[rows]
+        if t.qtype == QT.BF16:
+            return _torch_from(raw.view(np.uint16), "BF16")
+        if t.qtype == QT.F16:
+            return _torch_from(raw.view(np.float16), "F16")
+        if t.qtype == QT.F32:
+            return _torch_from(raw.view(np.float32), "F32")
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(np.asarray(raw), t.qtype), np.float32))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        gguf_name = self.gguf_names[name]
+        if gguf_name not in self.info.tensors and gguf_name.endswith("attn_kv_b.weight"):
+            prefix = gguf_name.removesuffix("attn_kv_b.weight")
+            k_b, v_b = (self.info.values(prefix + part) for part in ("attn_k_b.weight", "attn_v_b.weight"))
+            return torch.from_numpy(merge_kv_b(k_b, v_b).astype(np.float32))
+        return self._decode(gguf_name).reshape(self.shapes[name])
+
+    def embedding_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = self._decode(self.gguf_names[EMBED], tokens.reshape(-1).numpy())
+        return flat.reshape(*tokens.shape, self.config.hidden_size)
+
+    def embedding_blocks(self, max_bytes: int):
+        n_rows = self.config.vocab_size
+        step = max(1, max_bytes // max(1, self.info.tensors[self.gguf_names[EMBED]].n_bytes // n_rows))
+        for start in range(0, n_rows, step):
+            yield self._decode(self.gguf_names[EMBED], slice(start, start + step))

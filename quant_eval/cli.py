@@ -194,6 +194,11 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
             verdict = "[green]beats[/]" if m["beats_same_size_stock"] else "[yellow]does not beat[/]"
             line += f"; {verdict} {s['recipe']} ({s['file_bytes'] / 2**20:,.1f} MiB, KL {s['kl_mean']:.4f})"
         console.print(line)
+    peaks = report.get("peak_rss_bytes", {})
+    if peaks:
+        console.print(f"peak memory: {peaks['plm_gguf'] / 2**20:,.0f} MiB plm-gguf (torch reference and importance "
+                      f"matrix: {peaks['reference_and_imatrix'] / 2**20:,.0f} MiB), "
+                      f"{peaks['llama_cpp'] / 2**20:,.0f} MiB the largest llama.cpp worker")
     base = report["base_info"]
     if base.get("verified") is not None:
         console.print(f"base {Path(base['gguf']).name}: verified against the torch reference "

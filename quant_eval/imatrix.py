@@ -17,14 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plm_gguf.reference import Linear, PLMForCausalLM
+from plm_gguf.reference import Linear, PLMForCausalLM, WeightSource
 from plm_gguf.schema import tensor_table
 
 
-def compute_imatrix(model: PLMForCausalLM, tokens: list[int], out: Path, *, n_ctx: int = 512,
+def compute_imatrix(weights: PLMForCausalLM | WeightSource, tokens: list[int], out: Path, *, n_ctx: int = 512,
                     latent: bool = False) -> dict[str, int]:
-    """Run the calibration tokens through `model` and write the .npz; returns tokens seen per tensor.
+    """Run the calibration tokens through the model and write the .npz; returns tokens seen per
+    tensor. `weights` is a WeightSource (the pass runs layer by layer, one layer's weights
+    resident: what plm-gguf does) or a model already in memory (the same sums, chunk by chunk).
     latent: also the entries of the latent layout's attn_k_b / attn_v_b."""
+    if isinstance(weights, PLMForCausalLM):
+        model = weights
+
+        def run(chunks: list[torch.Tensor]) -> None:
+            for chunk in chunks:
+                model(chunk)
+    else:
+        model = PLMForCausalLM.skeleton(weights.config)
+
+        def run(chunks: list[torch.Tensor]) -> None:
+            model.stream(weights, chunks)
     gguf_names = {spec.hf_name.removesuffix(".weight"): spec.gguf_name for spec in tensor_table(model.config)}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -53,11 +66,9 @@ def compute_imatrix(model: PLMForCausalLM, tokens: list[int], out: Path, *, n_ct
 
         for i, layer in enumerate(model.model.layers):
             handles.append(layer.self_attn.q_proj.register_forward_hook(collect_q_nope(f"blk.{i}.attn_k_b.weight")))
+    chunks = [torch.tensor(tokens[start : start + n_ctx]) for start in range(0, len(tokens) - 1, n_ctx)]
     try:
-        for start in range(0, len(tokens) - 1, n_ctx):
-            chunk = tokens[start : start + n_ctx]
-            if len(chunk) > 1:
-                model(torch.tensor(chunk))
+        run([chunk for chunk in chunks if len(chunk) > 1])
     finally:
         for handle in handles:
             handle.remove()

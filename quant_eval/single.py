@@ -19,7 +19,7 @@ from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import stock_recipes
 from plm_gguf.quant_eval.scoring import MIN_CTX
 from plm_gguf.quant_eval.sweep import file_facts, gguf_in_layout
-from plm_gguf.reference import PLMForCausalLM
+from plm_gguf.reference import GgufWeights
 from plm_gguf.schema import config_from_gguf
 
 
@@ -57,6 +57,6 @@ def _imatrix_for(base: Path, text: str, tmp: Path) -> Path:
     if len(tokens) < MIN_CTX:
         raise UsageError(f"the calibration text has {len(tokens)} tokens; an importance matrix needs {MIN_CTX}",
                          "give a longer --text (a few pages), or leave --text out for the built-in corpus")
-    model = PLMForCausalLM.from_gguf(base, config_from_gguf(base))
-    compute_imatrix(model, tokens[:4096], tmp / "imatrix.npz", latent=layout_of(base) is KVLayout.LATENT)
+    weights = GgufWeights(base, config_from_gguf(base))  # layer by layer: one layer's weights resident
+    compute_imatrix(weights, tokens[:4096], tmp / "imatrix.npz", latent=layout_of(base) is KVLayout.LATENT)
     return tmp / "imatrix.npz"

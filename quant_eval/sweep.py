@@ -37,7 +37,7 @@ import gguf
 from plm_gguf.checkpoint import Checkpoint
 from plm_gguf.convert.mla import rewrite_to_latent
 from plm_gguf.convert.quantize import quantize_file
-from plm_gguf.convert.verify import verify
+from plm_gguf.convert.verify import peak_rss, verify
 from plm_gguf.convert.writer import convert
 from plm_gguf.errors import LlamaCppError, OutputError, UsageError
 from plm_gguf.ggufinfo import read_gguf_info, read_plm_gguf
@@ -49,7 +49,7 @@ from plm_gguf.quant_eval import report as rep
 from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
 from plm_gguf.quant_eval.scoring import MIN_CTX, scored_range
-from plm_gguf.reference import PLMForCausalLM
+from plm_gguf.reference import GgufWeights
 from plm_gguf.schema import PLMConfig, config_from_gguf
 
 REPORT_VERSION = 1
@@ -400,6 +400,7 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
         sweep.report["reference"] = _reference(sweep, tokens)
         sweep.save()
     imatrix = _imatrix(sweep, tokens) if any(r.uses_imatrix for r in options.recipes) else None
+    sweep.report["peak_rss_bytes"] = {"reference_and_imatrix": peak_rss()}  # this process so far: torch passes
     for recipe in options.recipes:
         row = sweep.report["rows"].get(recipe.name)
         if row and row.get("key") == recipe.key and (row["status"] == "failed" or _model_file(sweep, recipe).exists()):
@@ -422,6 +423,7 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
     sweep.report["recommendation"] = recommend(rows, options.budget_mib, options.budget_source, options.target,
                                                ModelShape.of_config(config), layout_of(base), options.ctx)
     sweep.report["mixes_vs_stock"] = mixes_vs_stock(rows)
+    sweep.report["peak_rss_bytes"] |= {"plm_gguf": peak_rss(), "llama_cpp": peak_rss(children=True)}
     sweep.save()
 
     with replacing(sweep.path("report.csv")) as tmp:
@@ -470,9 +472,9 @@ def _imatrix(sweep: Sweep, tokens: list[int]) -> Path:
     path = sweep.path("imatrix.npz")
     if not path.exists():
         sweep.on_event("imatrix", {})
-        model = PLMForCausalLM.from_gguf(sweep.base, sweep.config)
+        weights = GgufWeights(sweep.base, sweep.config)  # layer by layer: one layer's weights resident
         with replacing(path) as tmp:
-            compute_imatrix(model, tokens[: sweep.options.imatrix_tokens], tmp, n_ctx=sweep.options.ctx,
+            compute_imatrix(weights, tokens[: sweep.options.imatrix_tokens], tmp, n_ctx=sweep.options.ctx,
                             latent=layout_of(sweep.base) is KVLayout.LATENT)
     return path
 

@@ -58,6 +58,8 @@ def test_sweep_invariants_on_the_trained_model(sweep_dir):
     assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"]
     rec = report["recommendation"]
     assert rec["recipe"] == min((r for r in ok.values() if r["memory_mib"] <= 64), key=lambda r: r["kl_mean"])["recipe"]
+    peaks = report["peak_rss_bytes"]  # users see what the sweep needed: its torch passes and llama.cpp's workers
+    assert 0 < peaks["reference_and_imatrix"] <= peaks["plm_gguf"] and peaks["llama_cpp"] >= ok["q8_0"]["peak_rss_bytes"]
 
 
 @pytest.mark.slow
@@ -102,7 +104,7 @@ def test_sweep_command(tmp_path):
     result = run_cli("quantize", TRAINED, "--sweep", "--types", "q8_0,q4_k_m", "--ctx", str(CTX),
                      "--out", tmp_path / "s", "--budget-mb", "1", cwd=tmp_path)
     assert result.code == 0, result.stderr
-    assert "q4_k_m" in result.stdout and "no recipe fits" in result.stdout
+    assert "q4_k_m" in result.stdout and "no recipe fits" in result.stdout and "peak memory:" in result.stdout
     assert {"report.json", "report.csv", "pareto.png"} <= {p.name for p in (tmp_path / "s").iterdir()}
 
 

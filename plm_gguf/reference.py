@@ -223,13 +223,18 @@ class PLMForCausalLM(nn.Module):
             self.model.norm.to("meta")
         finally:
             self.set_matmul_input_dtype(None)
-        out: dict = {v: [[] for _ in sequences] for v in variants}
+        vocab = self.config.vocab_size
+        out = {v: [torch.empty(*x.shape[:-1], vocab) for x in acts[v]] for v in variants}  # filled in place
+        done = 0
         for block in source.embedding_blocks(OUTPUT_BLOCK_BYTES):
             w = block.to(self.compute_dtype)
             for v in variants:
                 for k, x in enumerate(acts[v]):
-                    out[v][k].append(F.linear(x, w).float())
-        return {v: [torch.cat(parts, dim=-1) for parts in out[v]] for v in variants}
+                    out[v][k][..., done : done + w.shape[0]] = F.linear(x, w)
+            done += w.shape[0]
+        if done != vocab:  # a bug in the source, not a user error
+            raise AssertionError(f"the embedding gave {done} rows, expected {vocab}")
+        return out
 
     @classmethod
     def from_gguf(cls, path, config: PLMConfig, compute_dtype: torch.dtype = torch.float32) -> "PLMForCausalLM":

@@ -45,6 +45,16 @@ def _lib(folder: Path | None = None) -> ctypes.CDLL:
     return lib
 
 
+def available() -> bool:
+    """Whether the host build is already there (nothing is built to find out)."""
+    try:
+        from plm_gguf.llama.host import find_host_build
+
+        return find_host_build() is not None
+    except Exception:  # noqa: BLE001 - no sdist cached yet, an unreadable manifest: not available
+        return False
+
+
 def prepare(qtype: QT) -> None:
     """Load the library and ggml's tables for `qtype` (the i-quants' grids) once, before threads use it."""
     _lib().ggml_quantize_init(int(qtype))

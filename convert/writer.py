@@ -1,8 +1,9 @@
 """Checkpoint -> GGUF in one streaming pass, for every llama.cpp file type.
 
-Each tensor is read in blocks of rows, encoded and written at its place in the file: f32, f16,
-bf16 (from a bf16 source, a byte copy) and q8_0 with numpy, every other type with ggml's own
-`ggml_quantize_chunk` (plm_gguf.convert.ggmlq), on all cores. No temporary file is written.
+Each tensor is read in blocks of rows, encoded and written at its place in the file: a type the
+source already has (bf16 from bf16) as its stored bits, every other type with ggml's own
+`ggml_quantize_chunk` (plm_gguf.convert.ggmlq) on all cores; f16 and q8_0 fall back to numpy when
+there is no host build yet, so that they never wait for one. No temporary file is written.
 Which type each tensor gets is llama.cpp's decision, not a copy of its rules: a dry run of
 `llama_model_quantize` on a data-less skeleton of the file (a memfd: header and tensor index,
 the data a hole) returns them, so a file is interchangeable with llama-quantize's, tensor for
@@ -32,7 +33,6 @@ from plm_gguf.checkpoint import Checkpoint, resolve_model, row_blocks
 from plm_gguf.convert import ggmlq
 from plm_gguf.convert.mla import MlaSizes, mla_metadata, split_kv_b
 from plm_gguf.errors import CheckpointError, UsageError
-from plm_gguf.ggufinfo import read_gguf_info
 from plm_gguf.llama.runtime import run_worker
 from plm_gguf.memory import KVLayout, parse_layout
 from plm_gguf.outputs import check_target, claimed, partial_path
@@ -117,25 +117,24 @@ def convert(
                            types=types, imatrix=imatrix, threads=threads)
         os.replace(tmp, target)
     seconds = time.perf_counter() - start
-    return summarize(target, outtype, seconds, ckpt.nbytes, plans if types is None else None, vocab)
+    return summarize(target, outtype, seconds, ckpt.nbytes, plans, types is not None, vocab)
 
 
 def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
-              plans: list[TensorPlan] | None, vocab: Vocab | None = None) -> ConvertResult:
-    """What was written, read back from the file itself."""
-    tensors = read_gguf_info(target).tensors.values()
+              plans: list[TensorPlan], llama_chose: bool, vocab: Vocab | None = None) -> ConvertResult:
+    """What was written: the plans the file was written from (its size read from the disk)."""
     counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    for p in plans:
+        counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
     result = ConvertResult(target, outtype, target.stat().st_size, seconds, source_bytes, counts)
-    if plans is not None:
+    if not llama_chose:
         result.fallbacks = [(p.spec.gguf_name, p.fallback_from.name, p.qtype.name) for p in plans if p.fallback_from]
     else:  # llama.cpp chose per-tensor types; report matrices whose rows its block size did not fit
         main = _main_tensor_type(outtype)
         if main is not None:
             block = gguf.GGML_QUANT_SIZES[main][0]
-            result.fallbacks = [(t.name, main.name, t.qtype.name) for t in tensors
-                                if len(t.shape) > 1 and t.shape[-1] % block]
+            result.fallbacks = [(p.spec.gguf_name, main.name, p.qtype.name) for p in plans
+                                if len(p.spec.shape) > 1 and p.spec.shape[-1] % block]
     if vocab is not None and vocab.nfc:
         result.notes.append("tokenizer.json applies NFC normalisation, llama.cpp does not: "
                             "decomposed accented input tokenizes differently (plm-gguf verify lists it)")
@@ -199,28 +198,42 @@ IN_FLIGHT_BYTES = 128 * 2**20
 _NUMPY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0)
 
 
+# Exponent bits of each storage type: all ones is Inf or NaN.
+_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+
+
+def _nonfinite(raw: np.ndarray, dtype: str) -> int:
+    """How many Inf/NaN values stored bits hold: one masked pass and a max; counted only if any."""
+    bits, mask = _EXPONENT[dtype]
+    exponent = np.bitwise_and(raw.view(bits), mask)
+    if exponent.size == 0 or exponent.max() != mask:
+        return 0
+    return int(np.count_nonzero(exponent == mask))
+
+
 def _encode(plan: TensorPlan, raw: np.ndarray, dtype: str, row0: int = 0,
-            imatrix: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+            imatrix: np.ndarray | None = None, use_ggml: bool = False) -> tuple[np.ndarray, int]:
     """One block of rows (starting at row `row0` of the tensor) in the planned type, and how many
-    NaN/Inf values it held. bf16 -> bf16 is the stored bits themselves."""
-    if plan.qtype == QT.BF16 and dtype == "BF16":
-        bad = int(((raw & 0x7F80) == 0x7F80).sum())  # exponent all ones: Inf or NaN
+    NaN/Inf values it held. A type the source already has is its stored bits; f16 and q8_0 go
+    through ggml's C functions when `use_ggml` (the host build is there), numpy otherwise (the
+    same bytes: tests/test_convert_quantize.py)."""
+    bad = _nonfinite(raw, dtype)
+    if plan.qtype.name == dtype:  # bf16 -> bf16, f16 -> f16, f32 -> f32: the stored bits
         return raw, bad
     values = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32, copy=False)
-    bad = int(values.size - np.isfinite(values).sum())
     if plan.qtype == QT.F32:
         return np.ascontiguousarray(values, dtype=np.float32), bad
+    if bad:  # nothing to encode: the tensor is refused once the count is known
+        return np.empty(0, np.uint8), bad
+    rows = values.reshape(-1, plan.spec.shape[-1])
     if plan.qtype == QT.F16:
-        out = values.astype(np.float16)
-        if not bad and not np.isfinite(out).all():
+        out = ggmlq.quantize_rows(rows, QT.F16).view(np.float16) if use_ggml else values.astype(np.float16)
+        if _nonfinite(out, "F16"):
             raise CheckpointError(f"{plan.spec.hf_name} has values beyond f16's range (max |x| = {np.abs(values).max():.3g})",
                                   "convert to bf16 or f32 instead")
         return out, bad
-    if plan.qtype in _NUMPY_TYPES:
+    if plan.qtype in _NUMPY_TYPES and not use_ggml:
         return gguf.quants.quantize(values, plan.qtype), bad
-    if bad:  # nothing to quantize: the tensor is refused once the count is known
-        return np.empty(0, np.uint8), bad
-    rows = values.reshape(-1, plan.spec.shape[-1])
     if imatrix is None or len(plan.spec.shape) < 3:
         return ggmlq.quantize_rows(rows, plan.qtype, imatrix), bad
     # a 3-D tensor (attn_k_b, attn_v_b) has one importance vector per matrix, as llama.cpp's experts
@@ -245,39 +258,50 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def _row_offsets(chunks):
-    row = 0
-    for rows in chunks:
-        yield row, rows
-        row += rows.shape[0] if rows.ndim > 1 else 1
+def _chunks(sources: list[tuple[TensorPlan, object]], chunk_bytes: int):
+    """Every block of rows of every tensor, in file order: (tensor index, first row, rows)."""
+    for k, (_, ref) in enumerate(sources):
+        row = 0
+        for rows in ref.row_chunks(chunk_bytes):
+            yield k, row, rows
+            row += rows.shape[0] if rows.ndim > 1 else 1
 
 
-def _write_tensor(fout, writer: gguf.GGUFWriter, pool: ThreadPoolExecutor, window: int, plan: TensorPlan, ref,
-                  advance, imatrix: np.ndarray | None = None) -> None:
-    """Stream one tensor's bytes into the file at the next aligned offset, `window` blocks in flight."""
-    writer.write_padding(fout, fout.tell())
-    written = read = bad = 0
-    chunk_bytes = max(2**20, min(CHUNK_BYTES, IN_FLIGHT_BYTES // window))
+class _TensorSink:
+    """Writes the encoded blocks of one tensor after another at their aligned offsets, and checks
+    each tensor when its last block is in: NaN/Inf refused, the planned size written."""
 
-    def encode(item):
-        row0, rows = item
-        return rows, _encode(plan, rows, ref.dtype, row0, imatrix)
+    def __init__(self, fout, writer: gguf.GGUFWriter, sources, advance) -> None:
+        self.fout, self.writer, self.sources, self.advance = fout, writer, sources, advance
+        self.k = -1
 
-    for chunk, (out, n_bad) in _bounded_map(pool, encode, _row_offsets(ref.row_chunks(chunk_bytes)), window):
-        bad += n_bad
-        if not bad:
-            fout.write(out.reshape(-1).view(np.uint8).data)
-        written += out.nbytes
-        read += chunk.nbytes
-        ref.release(read)  # blocks are written in order: everything before `read` is done
-        advance(chunk.nbytes)
-    ref.release()
-    if bad:
-        raise CheckpointError(f"{plan.spec.hf_name} holds {bad:,} NaN/Inf value(s)",
-                              "the checkpoint is corrupt or diverged in training; use an earlier save")
-    if written != plan.nbytes:  # a bug, not a user error
-        raise AssertionError(f"{plan.spec.gguf_name}: wrote {written} bytes, planned {plan.nbytes}")
-    writer.write_padding(fout, written)
+    def _start(self, k: int) -> None:
+        self.k, self.written, self.read, self.bad = k, 0, 0, 0
+        self.writer.write_padding(self.fout, self.fout.tell())
+
+    def finish(self) -> None:
+        if self.k < 0:
+            return
+        plan, ref = self.sources[self.k]
+        ref.release()
+        if self.bad:
+            raise CheckpointError(f"{plan.spec.hf_name} holds {self.bad:,} NaN/Inf value(s)",
+                                  "the checkpoint is corrupt or diverged in training; use an earlier save")
+        if self.written != plan.nbytes:  # a bug, not a user error
+            raise AssertionError(f"{plan.spec.gguf_name}: wrote {self.written} bytes, planned {plan.nbytes}")
+        self.writer.write_padding(self.fout, self.written)
+
+    def put(self, k: int, rows: np.ndarray, out: np.ndarray, n_bad: int) -> None:
+        if k != self.k:
+            self.finish()
+            self._start(k)
+        self.bad += n_bad
+        if not self.bad:
+            self.fout.write(out.reshape(-1).view(np.uint8).data)
+        self.written += out.nbytes
+        self.read += rows.nbytes
+        self.sources[k][1].release(self.read)  # blocks come in order: everything before `read` is done
+        self.advance(rows.nbytes)
 
 
 class _KvBPart:
@@ -353,13 +377,23 @@ def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
             fout.truncate(writer.ggml_pad(fout.tell(), pad) + sum(writer.ggml_pad(p.nbytes, pad) for p in plans))
             return plans
         quantized = [p.qtype for p in plans if p.qtype not in _NUMPY_TYPES]
-        for qtype in set(quantized):
+        use_ggml = bool(quantized) or ggmlq.available()
+        for qtype in {p.qtype for p in plans} if use_ggml else ():
             ggmlq.prepare(qtype)
         n_threads = (threads or os.cpu_count() or 1) if quantized else min(threads or DIRECT_THREADS, DIRECT_THREADS)
+        importances = [_imatrix_for(p, imatrix) if p.qtype not in _NUMPY_TYPES else None for p in plans]
+        window = 2 * n_threads  # blocks in flight, across tensor boundaries: no thread idles at a tensor's end
+        chunk_bytes = max(2**20, min(CHUNK_BYTES, IN_FLIGHT_BYTES // window))
+
+        def encode(item):
+            k, row0, rows = item
+            return k, rows, _encode(plans[k], rows, sources[k][1].dtype, row0, importances[k], use_ggml)
+
         with ThreadPoolExecutor(n_threads) as pool, _progress(progress, ckpt.nbytes, f"writing {outtype}") as advance:
-            for p, ref in sources:
-                _write_tensor(fout, writer, pool, 2 * n_threads, p, ref, advance,
-                              _imatrix_for(p, imatrix) if p.qtype not in _NUMPY_TYPES else None)
+            sink = _TensorSink(fout, writer, sources, advance)
+            for k, rows, (out, n_bad) in _bounded_map(pool, encode, _chunks(sources, chunk_bytes), window):
+                sink.put(k, rows, out, n_bad)
+            sink.finish()
     finally:
         writer.close()
     return plans

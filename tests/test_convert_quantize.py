@@ -131,3 +131,21 @@ def test_an_importance_matrix_of_the_wrong_size_is_a_usage_error(tmp_path, check
     with pytest.raises(UsageError, match="blk.0.ffn_up.weight"):
         convert(ckpt, tmp_path / "m.gguf", "q3_k_m", imatrix={"blk.0.ffn_up.weight": np.ones(7, np.float32)})
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_f16_and_q8_0_are_the_same_through_ggml_and_numpy(tmp_path, checkpoints, monkeypatch, outtype, dtype):
+    """With a host build, f16 and q8_0 are encoded by ggml's C functions; without one, by numpy,
+    so that these types never wait for a build. Both give the same bytes, and llama.cpp's."""
+    ckpt = checkpoints[dtype]
+    assert ggmlq.available()
+    fast = _tensors(convert(ckpt, tmp_path / "ggml.gguf", outtype).outfile)
+    monkeypatch.setattr(ggmlq, "available", lambda: False)
+    monkeypatch.setattr(ggmlq, "quantize_rows", None)  # any use of ggml would fail
+    plain = _tensors(convert(ckpt, tmp_path / "numpy.gguf", outtype).outfile)
+    assert fast == plain
+    monkeypatch.undo()
+    lossless = convert(ckpt, tmp_path / "lossless.gguf", LOSSLESS[dtype]).outfile
+    quantize_file(lossless, tmp_path / "theirs.gguf", outtype)
+    assert fast == _tensors(tmp_path / "theirs.gguf")

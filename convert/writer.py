@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,33 @@ from plm_gguf.outputs import check_target, claimed, partial_path
 from plm_gguf.qtypes import DIRECT_TYPES, NEEDS_IMATRIX, bf16_to_f32, llama_file_types, parse_outtype
 from plm_gguf.schema import TensorSpec, parameter_count, size_label
 from plm_gguf.vocab import Vocab, load_vocab
+
+
+class _GGUFWriter(gguf.GGUFWriter):
+    """gguf-py's writer, packing long arrays (the vocabulary: 151,936 tokens, as many merges and
+    token types for PLM-1.8B) in one pass instead of item by item (4 s -> about 0.3 s), byte for
+    byte what gguf-py writes (tests/test_convert.py). Everything else is gguf-py's."""
+
+    _NUMERIC = {gguf.GGUFValueType.INT32: "<i4", gguf.GGUFValueType.UINT32: "<u4",
+                gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.UINT8: "<u1"}
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if (vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, (list, tuple)) or len(val) < 256
+                or self.endianess != gguf.GGUFEndian.LITTLE):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
+        if ltype == gguf.GGUFValueType.STRING and all(isinstance(v, (str, bytes)) for v in val):
+            encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+            lengths = np.fromiter(map(len, encoded), dtype="<u8", count=len(encoded)).tobytes()
+            body = b"".join(lengths[8 * i : 8 * i + 8] + e for i, e in enumerate(encoded))
+        elif ltype in self._NUMERIC:
+            if sub_type is None and any(gguf.GGUFValueType.get_type(v) is not ltype for v in val):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)  # mixed types: gguf-py's error
+            body = np.asarray(val).astype(self._NUMERIC[ltype]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", ltype) + self._pack("Q", len(val))
+        return head + body
 
 
 @dataclass
@@ -101,6 +129,7 @@ def convert(
                          "use `plm-gguf quantize MODEL --type " + outtype + "`, which computes one")
     folder = resolve_model(model)
     ckpt = Checkpoint(folder)
+    _prefetch(ckpt.input_files())
     vocab = load_vocab(folder, ckpt.config.vocab_size, pre_tokenizer)
     outtype = parse_outtype(outtype, ckpt.source_dtype)
     target = Path(outfile) if outfile else default_outfile(folder, str(model), outtype)
@@ -118,6 +147,32 @@ def convert(
         os.replace(tmp, target)
     seconds = time.perf_counter() - start
     return summarize(target, outtype, seconds, ckpt.nbytes, plans, types is not None, vocab)
+
+
+def _prefetch(files: list[Path]) -> None:
+    """Start the kernel reading the weights (posix_fadvise WILLNEED, on a thread: the call can wait
+    on the disk queue) while the tokenizer and header are prepared, when they fit in half the
+    available memory; a cold checkpoint then streams from the page cache."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+        if sum(f.stat().st_size for f in files) > available // 2:
+            return
+    except (OSError, KeyError, ValueError):
+        return
+
+    def advise() -> None:
+        for f in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+
+    threading.Thread(target=advise, daemon=True).start()
 
 
 def summarize(target: Path, outtype: str, seconds: float, source_bytes: int,
@@ -361,7 +416,7 @@ def write_gguf(ckpt: Checkpoint, vocab: Vocab, path: Path, outtype: str, *,
             raise AssertionError(f"{outtype}: the tensor types come from llama_tensor_types()")
         sources = [(TensorPlan(spec, types[spec.gguf_name]), ref) for spec, ref in _sources(ckpt, kv_cache)]
     plans = [p for p, _ in sources]
-    writer = gguf.GGUFWriter(path, "plm")
+    writer = _GGUFWriter(path, "plm")
     add_model_metadata(writer, ckpt, model_name or ckpt.folder.name, file_type, kv_cache)
     vocab.add_to_gguf(writer)
     for p in plans:

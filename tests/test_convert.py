@@ -172,3 +172,23 @@ def test_hub_repo_id_resolves_from_the_cache_offline(tmp_path, odd_checkpoint):
     assert fields["general.source.repo_url"] == "https://huggingface.co/PLM-Team/PLM-tiny"
     missing = run_cli("convert", "PLM-Team/not-cached", cwd=tmp_path, env=env)
     assert missing.code != 0 and "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_fast_array_packing_writes_what_gguf_py_writes(tmp_path):
+    from plm_gguf.convert.writer import _GGUFWriter
+
+    tokens = [f"tok{i}" for i in range(300)] + ["é", "日本", ""] * 100
+    kv = {"tokens": tokens, "types": [1, 2, 3] * 200, "scores": [0.5, -1.25] * 200, "short": ["a", "b"]}
+    files = []
+    for cls in (gguf.GGUFWriter, _GGUFWriter):
+        path = tmp_path / f"{cls.__name__}.gguf"
+        w = cls(path, "plm")
+        for key, value in kv.items():
+            w.add_array(f"test.{key}", value)
+        w.add_tensor_info("t", (4, 8), np.dtype(np.float32), 128)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        files.append(path.read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 4000

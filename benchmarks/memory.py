@@ -91,12 +91,12 @@ class Sampler:
         self._thread.join()
 
 
-def job_command(job: str, tree: Path | None, replica: Path, f16: Path, out: Path) -> list[str]:
+def job_command(job: str, replica: Path, f16: Path, out: Path) -> list[str]:
     cli = [sys.executable, "-m", "plm_gguf.cli"]
     if job == "verify":
         return [*cli, "verify", str(replica), str(f16)]
     if job == "sweep":  # two recipes, one with an importance matrix; a short text keeps the scoring short
-        return [*cli, "quantize", str(replica), "--sweep", "--types", "q4_k_m,q2_k", "--text", str(WORK / "text.txt"),
+        return [*cli, "quantize", str(replica), "--sweep", "--types", "q8_0,q2_k", "--text", str(WORK / "text.txt"),
                 "--out", str(out), "--force"]
     raise SystemExit(f"unknown job {job!r}: verify or sweep")
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = str(a.before_tree.resolve())
     results = json.loads(a.out.read_text()) if a.out.exists() else []
     for job in a.jobs:
-        cmd = job_command(job, a.before_tree, replica, a.f16, WORK / f"sweep-{a.label}")
+        cmd = job_command(job, replica, a.f16, WORK / f"sweep-{a.label}")
         log = WORK / f"{job}-{a.label}.log"
         log.unlink(missing_ok=True)
         with Sampler() as sampler:

@@ -198,13 +198,16 @@ class PLMForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def stream(self, source: "WeightSource", sequences: list[torch.Tensor],
-               variants: tuple[torch.dtype | None, ...] = (None,)) -> dict[torch.dtype | None, list[torch.Tensor]]:
+               variants: tuple[torch.dtype | None, ...] = (None,),
+               logits: bool = True) -> dict[torch.dtype | None, list[torch.Tensor]]:
         """Logits of each sequence, computed one layer at a time from `source`: a layer's weights
         are loaded into this (skeleton) model, every sequence goes through it, and they are
         dropped. `variants` are matmul input dtypes (set_matmul_input_dtype) computed in the same
         pass, each with its own activations. The same operations on the same shapes as `forward`,
         one sequence at a time, except the tied output, taken over blocks of vocabulary rows.
-        Forward hooks on this model's modules see what they would see in `forward`."""
+        Forward hooks on this model's modules see what they would see in `forward`. logits=False
+        stops after the final norm (for hooks only: an importance matrix needs no logits, which for
+        a few 512-token windows of a 152k vocabulary are gigabytes) and returns nothing."""
         try:
             embedded = [source.embedding_rows(s).to(self.compute_dtype) for s in sequences]
             acts = {v: list(embedded) for v in variants}
@@ -223,6 +226,8 @@ class PLMForCausalLM(nn.Module):
             self.model.norm.to("meta")
         finally:
             self.set_matmul_input_dtype(None)
+        if not logits:
+            return {}
         vocab = self.config.vocab_size
         out = {v: [torch.empty(*x.shape[:-1], vocab) for x in acts[v]] for v in variants}  # filled in place
         done = 0

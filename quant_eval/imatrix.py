@@ -37,7 +37,7 @@ def compute_imatrix(weights: PLMForCausalLM | WeightSource, tokens: list[int], o
         model = PLMForCausalLM.skeleton(weights.config)
 
         def run(chunks: list[torch.Tensor]) -> None:
-            model.stream(weights, chunks)
+            model.stream(weights, chunks, logits=False)  # the hooks are all it needs
     gguf_names = {spec.hf_name.removesuffix(".weight"): spec.gguf_name for spec in tensor_table(model.config)}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

@@ -26,6 +26,9 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --outfile; with --sweep, replace "
                                "the results in --out made from another model, text or --ctx."),
     sweep: bool = typer.Option(False, "--sweep", help="Measure many recipes side by side."),
+    auto: bool = typer.Option(False, "--auto", help="Search per-tensor-group types from measured sensitivities: "
+                              "the most accurate mix for --budget-mb or --device; with --sweep, also a mix at the "
+                              "size of each stock type measured. The mixes found go to OUT/auto-recipes.toml."),
     types: Optional[str] = typer.Option(None, "--types", help="Comma-separated stock types to sweep instead of the default recipes."),
     recipes: Optional[Path] = typer.Option(None, "--recipes", help="A TOML file of \\[\\[recipe]] tables."),
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluation (and calibration) text; default: a built-in bilingual corpus."),
@@ -46,9 +49,19 @@ def quantize(
     from plm_gguf.memory import parse_layout
     from plm_gguf.options import check_threads
 
-    if sweep == bool(type_):
+    if auto and type_:
+        raise UsageError("--auto does nothing with --type", "--auto chooses the types itself: leave out --type")
+    if (sweep or auto) == bool(type_):
         raise UsageError("give either --type TYPE or --sweep", "plm-gguf quantize MODEL --sweep, or --type q4_k_m")
-    _check_mode_options(sweep, {"--types": types, "--recipes": recipes, "--budget-mb": budget_mb, "--device": device,
+    if auto and not sweep:
+        for name, value in (("--types", types), ("--recipes", recipes)):
+            if value is not None:
+                raise UsageError(f"{name} does nothing with --auto alone", f"add --sweep to measure {name} beside "
+                                 "the search's mixes")
+        if budget_mb is None and not (device or profile_file):
+            raise UsageError("--auto needs a budget", "give --budget-mb N (MiB) or --device PROFILE, or add --sweep "
+                             "for mixes at the stock types' sizes")
+    _check_mode_options(sweep or auto, {"--types": types, "--recipes": recipes, "--budget-mb": budget_mb, "--device": device,
                                 "--profile": profile_file, "--address": address or None, "--out": out,
                                 "--outfile": outfile})
     layout = parse_layout(kv_cache)  # the one place quantize reads --kv-cache
@@ -63,7 +76,18 @@ def quantize(
         return
     sweep_and_print(source, types=types, recipes_file=recipes, corpus=corpus, corpus_name=corpus_name, ctx=ctx,
                     budget_mb=budget_mb, device=(device, profile_file, address), out=out, threads=threads,
-                    kv_cache=layout, replace=force)
+                    kv_cache=layout, replace=force, auto=_auto_options(auto, sweep, budget_mb, device, profile_file))
+
+
+def _auto_options(auto: bool, sweep: bool, budget_mb, device, profile_file):
+    from plm_gguf.quant_eval.sweep import AutoOptions
+
+    if not auto:
+        return None
+    name = ""
+    if device or profile_file:
+        name = "auto-" + (device or profile_file.stem)
+    return AutoOptions(at_stock=sweep, budget=budget_mb is not None or bool(device or profile_file), name=name)
 
 
 _SWEEP_ONLY = ("--types", "--recipes", "--budget-mb", "--device", "--profile", "--address", "--out")
@@ -135,7 +159,7 @@ def _device_target(name: str | None, profile_file: Path | None = None, address: 
 def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | None = None, corpus: str,
                     corpus_name: str, ctx: int = 512, budget_mb: float | None = None,
                     device: tuple = (None, None, ""), out: Path | None = None, threads: int = os.cpu_count() or 1,
-                    kv_cache=None, replace: bool = False) -> None:
+                    kv_cache=None, replace: bool = False, auto=None) -> None:
     """`quantize --sweep` after parsing: run the sweep, print its progress, table and recommendation
     (the demo calls this too). device: (profile name, profile file, address) or Nones."""
     from plm_gguf.quant_eval import report as rep
@@ -144,11 +168,14 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
 
     if types is not None and recipes_file:
         raise UsageError("give --types or --recipes, not both", "--types makes one stock recipe per type")
-    recipes = stock_recipes(types.split(",")) if types is not None else load_recipes(recipes_file)
+    if auto and not auto.at_stock:
+        recipes = []  # --auto alone: only the search's mix
+    else:
+        recipes = stock_recipes(types.split(",")) if types is not None else load_recipes(recipes_file)
     out = out or Path(f"sweep-{Path(str(source)).stem.split('/')[-1]}")
     options = SweepOptions(out=out, recipes=recipes, text=corpus, text_source=corpus_name, ctx=ctx, threads=threads,
                            budget_mib=budget_mb, budget_source=f"--budget-mb {budget_mb:g}" if budget_mb else "",
-                           kv_cache=kv_cache, replace=replace)
+                           kv_cache=kv_cache, replace=replace, auto=auto)
     origin = check_sweep(source, options)  # before the device is probed: a bad option costs nothing
     if any(device[:2]):
         options.target, options.speed, options.speed_on = _device_target(*device)
@@ -170,6 +197,14 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
         elif kind == "unmatched":
             console.print(f"[yellow]warning[/] {data['recipe']}: override {', '.join(map(repr, data['patterns']))} "
                           "names no tensor of the base file: it changes nothing there")
+        elif kind == "auto-probe":
+            console.print(f"[dim]search: probe {data['i']}/{data['n']}: {escape(data['group'])}[/]")
+        elif kind == "auto-none":
+            console.print(f"[yellow]note[/] the search made no mix for {escape(data.get('what', ''))}"
+                          if "what" in data else "[yellow]note[/] --sweep --auto sizes its mixes after the stock "
+                          f"types {', '.join(data['types'])}; the sweep measured none of them")
+        elif kind == "start" and data.get("auto"):
+            console.print(f"[auto] {data['recipe']} ({escape(data['auto'])}) ...", end=" ")
         elif kind == "start":
             console.print(f"[{done[0] + 1}/{len(recipes)}] {data['recipe']} ...", end=" ")
         elif kind == "row":
@@ -199,6 +234,13 @@ def sweep_and_print(source, *, types: str | None = None, recipes_file: Path | No
         console.print(f"peak memory: {peaks['plm_gguf'] / 2**20:,.0f} MiB plm-gguf (torch reference and importance "
                       f"matrix: {peaks['reference_and_imatrix'] / 2**20:,.0f} MiB), "
                       f"{peaks['llama_cpp'] / 2**20:,.0f} MiB the largest llama.cpp worker")
+    found = report.get("auto_search")
+    if found:
+        console.print(f"search: {found['groups']} tensor groups, {found['probes']} probes, {found['seconds']:,.0f} s; "
+                      f"mixes found: {escape(report.get('auto_recipes', '-'))} (use again with --recipes)")
+        for r in (r for r in report["rows"].values() if r.get("auto") and r.get("status") == "ok"):
+            console.print(f"{r['recipe']}: {r['file_bytes'] / 2**20:,.2f} MiB, KL {r['kl_mean']:.4f} "
+                          f"(predicted {r['auto']['predicted_kl']:.4f}), top-1 {r['top1']:.1%}")
     base = report["base_info"]
     if base.get("verified") is not None:
         console.print(f"base {Path(base['gguf']).name}: verified against the torch reference "

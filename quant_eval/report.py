@@ -35,9 +35,9 @@ def write_plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for r in rows:
         on = r["recipe"] in front
-        marker = "s" if r["overrides"] else "o"
-        ax.scatter(r["file_bytes"] / 2**20, r["kl_mean"], marker=marker, s=40 if on else 24,
-                   color="tab:red" if on else "tab:blue", zorder=3)
+        marker = "^" if r.get("auto") else "s" if r["overrides"] else "o"
+        color = "tab:red" if on else "tab:green" if r.get("auto") else "tab:blue"
+        ax.scatter(r["file_bytes"] / 2**20, r["kl_mean"], marker=marker, s=40 if on else 24, color=color, zorder=3)
         ax.annotate(r["recipe"], (r["file_bytes"] / 2**20, r["kl_mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     frontier = sorted((r for r in rows if r["recipe"] in front), key=lambda r: r["file_bytes"])
@@ -46,7 +46,8 @@ def write_plot(report: dict, path: Path) -> None:
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KL divergence from the unquantized model")
     ax.set_yscale("log")
-    ax.set_title(f"{Path(report['source']).name}: size against accuracy (squares: MLA-aware mixes)")
+    ax.set_title(f"{Path(report['source']).name}: size against accuracy (circles: stock types, squares: "
+                 "recipes' mixes, triangles: --auto mixes)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import gguf
+import numpy as np
 
 from plm_gguf.checkpoint import Checkpoint
 from plm_gguf.convert.mla import rewrite_to_latent
@@ -45,6 +46,7 @@ from plm_gguf.llama.runtime import run_worker
 from plm_gguf.memory import KVLayout, MemoryTarget, ModelShape, kv_cache_bytes, layout_of, parse_layout
 from plm_gguf.options import check_threads
 from plm_gguf.outputs import claimed, partial_path
+from plm_gguf.quant_eval import auto as search
 from plm_gguf.quant_eval import report as rep
 from plm_gguf.quant_eval.imatrix import compute_imatrix
 from plm_gguf.quant_eval.recipes import Recipe, check_name, check_unique
@@ -66,11 +68,22 @@ _MADE_FROM = {
     "report.json": _INPUTS,
     "report.csv": _INPUTS,
     "pareto.png": _INPUTS,
+    "auto-model.json": _INPUTS,
+    "auto-recipes.toml": _INPUTS,
 }
 
 
 def default_corpus() -> str:
     return resources.files("plm_gguf.quant_eval").joinpath("corpus/default.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """The recipe search (quantize --auto): mixes chosen from measured sensitivities."""
+
+    at_stock: bool = False  # a mix at the size of each stock type the sweep measured (--sweep --auto)
+    budget: bool = False  # a mix for the memory budget (--budget-mb, or the device's plan)
+    name: str = ""  # the budget mix's recipe name (default auto-<budget>mb)
 
 
 @dataclass
@@ -91,6 +104,7 @@ class SweepOptions:
     # speed measured there (a GPU profile): file -> (prompt tok/s, generation tok/s); None: this CPU
     speed: Callable[[Path], tuple[float, float]] | None = None
     speed_on: str = ""  # where `speed` measures, for the report ("" with speed None: this machine's CPU)
+    auto: AutoOptions | None = None  # also search for mixes (quant_eval/auto.py)
 
     def __post_init__(self) -> None:
         self.kv_cache = parse_layout(self.kv_cache)  # (a str from a Python caller)
@@ -202,7 +216,7 @@ def _identity(path: Path, files: list[Path]) -> dict:
 
 def check_options(options: SweepOptions, source: Source) -> None:
     """Refuse options no sweep can run with, before anything is written."""
-    if not options.recipes:
+    if not options.recipes and not options.auto:
         raise UsageError("no recipes to sweep", "give --types, --recipes, or neither for the default set")
     for recipe in options.recipes:
         check_name(recipe.name, "the sweep")
@@ -399,7 +413,7 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
         on_event("reference", {})
         sweep.report["reference"] = _reference(sweep, tokens)
         sweep.save()
-    imatrix = _imatrix(sweep, tokens) if any(r.uses_imatrix for r in options.recipes) else None
+    imatrix = _imatrix(sweep, tokens) if options.auto or any(r.uses_imatrix for r in options.recipes) else None
     sweep.report["peak_rss_bytes"] = {"reference_and_imatrix": peak_rss()}  # this process so far: torch passes
     for recipe in options.recipes:
         row = sweep.report["rows"].get(recipe.name)
@@ -417,6 +431,8 @@ def _run(source: str, origin: Source, options: SweepOptions, on_event: Callable[
         sweep.report["rows"][recipe.name] = row
         sweep.save()
         on_event("row", row)
+    if options.auto:
+        _auto(sweep, tokens, imatrix)
     sweep.report["rows"] = {r.name: sweep.report["rows"][r.name] for r in options.recipes} | {
         k: v for k, v in sweep.report["rows"].items() if k not in {r.name for r in options.recipes}}
     rows = list(sweep.report["rows"].values())
@@ -493,13 +509,19 @@ def _reference(sweep: Sweep, tokens: list[int]) -> dict:
         return _score(sweep, sweep.base, tokens, "reference", reference=tmp)
 
 
-def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str, reference: Path | None = None) -> dict:
+def _score(sweep: Sweep, model: Path, tokens: list[int], mode: str, reference: Path | None = None,
+           speed: bool = True) -> dict:
+    """Score MODEL over the tokens (llama/scoring.py, in a worker); speed=False: KL and
+    perplexity only, no generation-speed run."""
     result_file = sweep.path(".score.json")
     run_worker(["score", str(model), "--tokens", str(sweep.path("tokens.json")), "--ctx", str(sweep.options.ctx),
                 "--reference", str(reference or sweep.path("reference-logprobs.npy")), "--mode", mode,
-                "--out", str(result_file), "--threads", str(sweep.options.threads)])
+                "--out", str(result_file), "--threads", str(sweep.options.threads)] + ([] if speed else
+                                                                                        ["--gen-tokens", "0"]))
     result = json.loads(result_file.read_text())
     result_file.unlink()
+    if not speed:
+        return result
     expected = kv_cache_bytes(ModelShape.of_config(sweep.config), layout_of(model), sweep.options.ctx) / 2**20
     result.update(kv_mib_expected=round(expected, 2), ppl=math.exp(result["nll_mean"]),
                   prompt_tps=result["prompt_tokens"] / result["prompt_seconds"],
@@ -534,6 +556,133 @@ def _measure(sweep: Sweep, recipe: Recipe, tokens: list[int], imatrix: Path | No
     row["speed_on"] = ""
     _device_speed(sweep, row, target)
     return row
+
+
+def _auto(sweep: Sweep, tokens: list[int], imatrix: Path) -> None:
+    """The recipe search (quant_eval/auto.py): its model of the KL from probes (auto-model.json,
+    kept while the inputs stay), then one mix per target size, each measured as a row, and
+    every mix found written to auto-recipes.toml."""
+    options, auto = sweep.options, sweep.options.auto
+    groups = search.tensor_groups(read_gguf_info(sweep.base).tensors, sweep.config.num_hidden_layers)
+    if not groups:
+        raise UsageError(f"{sweep.base.name} has no tensor the search can quantize", "use --sweep with --types")
+    if auto.budget:  # refused before any probe: even the smallest types' bytes exceed the budget
+        file_budget, what = _file_budget(sweep)
+        search.check_budget(file_budget, groups, 0, what)
+    model, overhead = _auto_model(sweep, groups, tokens, imatrix)
+    targets = []  # (recipe name, most file bytes, what the size is, the stock type it is sized after)
+    if auto.at_stock:
+        stock = [r for r in sweep.report["rows"].values()
+                 if r.get("status") == "ok" and not r["overrides"] and r["base"] in search.STOCK_TARGETS]
+        if not stock:
+            sweep.on_event("auto-none", {"types": search.STOCK_TARGETS})
+        for r in sorted(stock, key=lambda r: r["file_bytes"]):
+            targets.append((f"auto-{r['recipe']}", r["file_bytes"], f"the size of {r['recipe']}", r["recipe"]))
+    if auto.budget:
+        name = auto.name or f"auto-{options.budget_mib:g}mb".replace(".", "_")
+        search.check_budget(file_budget, groups, overhead, what)
+        targets.append((name, file_budget, what, None))
+    found = []
+    for name, most, what, stock_name in targets:
+        room = most - overhead
+        for _ in range(3):  # the overhead is estimated from the top file: shrink if the file came out larger
+            choice = search.choose(model, room)
+            if choice is None:
+                sweep.on_event("auto-none", {"recipe": name, "what": what})
+                break
+            size = overhead + search.choice_bytes(groups, choice)
+            predicted = model.predict(choice)
+            bpw = 8 * search.choice_bytes(groups, choice) / sum(g.n_elements for g in groups)
+            recipe = Recipe(name=name, base=search.nearest_stock(bpw), overrides=search.overrides_for(groups, choice),
+                            imatrix=True, description=f"plm-gguf --auto: {what}, predicted KL {predicted:.4g}")
+            row = sweep.report["rows"].get(name)
+            if not (row and row.get("key") == recipe.key and row["status"] == "ok" and _model_file(sweep, recipe).exists()):
+                sweep.on_event("start", {"recipe": name, "auto": what})
+                row = _measure(sweep, recipe, tokens, imatrix)
+                row["auto"] = {"size_of": what, "stock": stock_name, "most_bytes": most, "predicted_bytes": size,
+                               "predicted_kl": predicted, "types": choice}
+                sweep.report["rows"][name] = row
+                sweep.save()
+                sweep.on_event("row", row)
+            else:
+                sweep.on_event("skip", row)
+            if row["status"] != "ok" or row["file_bytes"] <= most:
+                found.append(recipe)
+                break
+            room -= row["file_bytes"] - most
+    if found:
+        text = search.recipe_toml(found)
+        path = sweep.path("auto-recipes.toml")
+        write_atomic(path, text)
+        sweep.report["auto_recipes"] = str(path)
+
+
+def _auto_model(sweep: Sweep, groups: list, tokens: list[int], imatrix: Path):
+    """The search's model of the KL (auto.Model) and the file bytes outside the groups: the top
+    file and one probe per group measured against the reference log-probs on disk, each group's
+    weight errors from sampled rows. Cached in auto-model.json per group layout."""
+    path = sweep.path("auto-model.json")
+    key = search.groups_key(groups)
+    try:
+        cached = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        cached = {}
+    if cached.get("key") != key:
+        cached = {"key": key, "probe_kl": {}}
+    work = sweep.path(".probe.gguf")
+
+    def score(name: str, overrides: dict[str, str]) -> tuple[float, int]:
+        recipe = Recipe(name=name, base="q8_0", overrides=overrides, imatrix=True)
+        start = time.perf_counter()
+        try:
+            quantize_file(sweep.base, work, "q8_0", threads=sweep.options.threads,
+                          overrides=recipe.override_types(), imatrix=imatrix)
+            size = work.stat().st_size
+            result = _score(sweep, work, tokens, "compare", speed=False)
+        finally:
+            work.unlink(missing_ok=True)
+        cached.setdefault("seconds", 0.0)
+        cached["seconds"] += time.perf_counter() - start
+        return result["kl_mean"], size
+
+    top = {g.pattern: g.ladder[0] for g in groups}
+    if "top_kl" not in cached:
+        sweep.on_event("auto-probe", {"group": "every group at its top type", "i": 0, "n": len(groups)})
+        cached["top_kl"], size = score("auto-top", top)
+        cached["overhead"] = size - sum(g.nbytes(g.ladder[0]) for g in groups)
+        write_atomic(path, json.dumps(cached, indent=1))
+    for i, g in enumerate(groups, 1):
+        if g.name in cached["probe_kl"]:
+            continue
+        sweep.on_event("auto-probe", {"group": f"{g.name} at {g.probe}", "i": i, "n": len(groups)})
+        cached["probe_kl"][g.name], _ = score(f"auto-probe-{i}", top | {g.pattern: g.probe})
+        write_atomic(path, json.dumps(cached, indent=1))
+    if "errors" not in cached:
+        start = time.perf_counter()
+        with np.load(imatrix) as data:
+            importances = {name: data[name] for name in data.files}
+        cached["errors"] = search.weight_errors(sweep.base, groups, importances)
+        cached["seconds"] = cached.get("seconds", 0.0) + time.perf_counter() - start
+        write_atomic(path, json.dumps(cached, indent=1))
+    model = search.Model(groups, cached["top_kl"], cached["probe_kl"], cached["errors"])
+    sweep.report["auto_search"] = {"groups": len(groups), "probes": len(groups) + 1,
+                                   "seconds": round(cached.get("seconds", 0.0), 1), "top_kl": cached["top_kl"],
+                                   "sensitivity": {g.name: model.probe_kl[g.name] - model.top_kl for g in groups}}
+    return model, int(cached["overhead"])
+
+
+def _file_budget(sweep: Sweep) -> tuple[int, str]:
+    """The most bytes the mix's file may have: the device's plan (KV cache and compute at its
+    ctx, headroom) or --budget-mb less the KV cache and compute buffer measured at --ctx."""
+    options = sweep.options
+    if options.target is not None:
+        shape = ModelShape.of_config(sweep.config)
+        empty = options.target.plan(shape, layout_of(sweep.base), 0)
+        return empty.available - empty.needed, f"{options.budget_source}, {empty.describe()}"
+    ref = sweep.report["reference"]
+    others = ref.get("kv_mib", ref.get("kv_mib_expected", 0)) + ref.get("compute_mib", 0)
+    return int((options.budget_mib - others) * 2**20), (f"{options.budget_source} less {others:,.1f} MiB of KV cache "
+                                                        f"and compute buffer at --ctx {options.ctx}")
 
 
 def _device_speed(sweep: Sweep, row: dict, model: Path) -> None:

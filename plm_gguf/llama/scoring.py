@@ -92,7 +92,8 @@ def score(llm, tokens: list[int], n_ctx: int, reference: Path, mode: str, gen_to
         k = np.concatenate(kl)
         result.update(kl_mean=float(k.mean()), kl_median=float(np.median(k)), kl_p99=float(np.percentile(k, 99)),
                       kl_max=float(k.max()), top1=float(np.concatenate(agree).mean()))
-    result.update(_generation_speed(llm, tokens[:GEN_PROMPT], gen_tokens))
+    if gen_tokens:  # 0: KL only (the recipe search's probes)
+        result.update(_generation_speed(llm, tokens[:GEN_PROMPT], gen_tokens))
     return result
 
 

@@ -233,7 +233,7 @@ def cmd_score(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     llm = open_model(a.model, a.ctx, threads=a.threads, logits_all=True)
     load_seconds = time.perf_counter() - start
-    result = scoring.score(llm, tokens, a.ctx, Path(a.reference), a.mode)
+    result = scoring.score(llm, tokens, a.ctx, Path(a.reference), a.mode, gen_tokens=a.gen_tokens)
     result.update(load_seconds=load_seconds, peak_rss_bytes=scoring.peak_rss_bytes(),
                   **scoring.parse_llama_log(log_text()))
     Path(a.out).write_text(json.dumps(result, indent=1))
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model"), p.add_argument("--tokens", required=True), p.add_argument("--ctx", type=int, required=True)
     p.add_argument("--reference", required=True), p.add_argument("--mode", choices=["reference", "compare"], required=True)
     p.add_argument("--out", required=True), p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--gen-tokens", type=int, default=scoring.GEN_TOKENS, help="0: no generation-speed run")
     p.set_defaults(fn=cmd_score)
     loads.append(p)
     for child in loads:  # accepted for older command lines: the parent always sets LLAMA_CPP_LIB_PATH

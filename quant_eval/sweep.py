@@ -577,7 +577,8 @@ def _auto(sweep: Sweep, tokens: list[int], imatrix: Path) -> None:
         if not stock:
             sweep.on_event("auto-none", {"types": search.STOCK_TARGETS})
         for r in sorted(stock, key=lambda r: r["file_bytes"]):
-            targets.append((f"auto-{r['recipe']}", r["file_bytes"], f"the size of {r['recipe']}", r["recipe"]))
+            if not any(t[1] == r["file_bytes"] for t in targets):  # with and without an imatrix: one size
+                targets.append((f"auto-{r['recipe']}", r["file_bytes"], f"the size of {r['recipe']}", r["recipe"]))
     if auto.budget:
         name = auto.name or f"auto-{options.budget_mib:g}mb".replace(".", "_")
         search.check_budget(file_budget, groups, overhead, what)

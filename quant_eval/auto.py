@@ -121,13 +121,21 @@ def groups_key(groups: list[Group]) -> str:
 
 # --- weight errors ---------------------------------------------------------------------------
 
-def _rows_f32(reader: gguf.GGUFReader, name: str) -> np.ndarray:
-    """A tensor of the unquantized base file as float32 rows (3-D tensors: heads' rows stacked)."""
+def _rows(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+    """A tensor of the unquantized base file as rows of its stored type (a view of the mapped
+    file: 3-D tensors' heads stacked); `_f32` converts the rows the caller takes."""
     t = next(t for t in reader.tensors if t.name == name)
     data = np.asarray(t.data)
-    if t.tensor_type == QT.BF16:
-        data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return data.astype(np.float32, copy=False).reshape(-1, int(t.shape[0]))
+    if t.tensor_type == QT.BF16:  # gguf-py gives its bytes
+        data = data.view(np.uint16)
+    return data.reshape(-1, int(t.shape[0]))
+
+
+def _f32(rows: np.ndarray) -> np.ndarray:
+    """Rows of f32, f16 or bf16 (GGUFReader gives bf16 as uint16) as contiguous float32."""
+    if rows.dtype == np.uint16:
+        rows = (rows.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(rows, dtype=np.float32)
 
 
 def weight_errors(base: Path, groups: list[Group], imatrix: dict[str, np.ndarray] | None,
@@ -141,10 +149,10 @@ def weight_errors(base: Path, groups: list[Group], imatrix: dict[str, np.ndarray
     for g in groups:
         per_type = dict.fromkeys(g.ladder, 0.0)
         for name in g.tensors:
-            rows = _rows_f32(reader, name)
+            rows = _rows(reader, name)  # only the sampled rows are read and converted
             n_rows, width = rows.shape
             take = np.unique(np.linspace(0, n_rows - 1, min(sample_rows, n_rows)).astype(np.int64))
-            sample = np.ascontiguousarray(rows[take])
+            sample = _f32(rows[take])
             imp = None if imatrix is None else imatrix.get(name)
             if imp is not None:
                 imp = np.asarray(imp, np.float32).reshape(-1)
@@ -165,7 +173,7 @@ def weight_errors(base: Path, groups: list[Group], imatrix: dict[str, np.ndarray
                         sel = take[(take >= h * per_head) & (take < (h + 1) * per_head)]
                         if sel.size == 0:
                             continue
-                        part = np.ascontiguousarray(rows[sel])
+                        part = _f32(rows[sel])
                         w = imp[h * width:(h + 1) * width]
                         deq = gguf.quants.dequantize(ggmlq.quantize_rows(part, qt, w), qt).reshape(part.shape)
                         err += float(((part - deq) ** 2 * w).sum())
